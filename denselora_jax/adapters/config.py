@@ -69,7 +69,11 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["method"], d["activation"], d["targets"] = str(self.method), str(self.activation), list(self.targets)
+        d["method"], d["activation"], d["targets"] = (
+            str(self.method),
+            str(self.activation),
+            list(self.targets),
+        )
         return d
 
     @classmethod

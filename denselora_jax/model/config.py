@@ -78,7 +78,12 @@ class ModelConfig:
 
     # Input and output width of each adaptable projection, by its HF name.
     def projection_dims(self) -> dict[str, tuple[int, int]]:
-        d, q, kv, f = self.hidden_size, self.num_attention_heads * self.head_dim, self.kv_dim, self.intermediate_size
+        d, q, kv, f = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.kv_dim,
+            self.intermediate_size,
+        )
         return {
             "q_proj": (d, q),
             "k_proj": (d, kv),
@@ -115,7 +120,9 @@ class ModelConfig:
         if rs:
             rtype = rs.get("rope_type", rs.get("type", "default"))
             if rtype not in RopeType.__members__.values():
-                raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3.")
+                raise ValueError(
+                    f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3."
+                )
             if "rope_theta" in rs and "rope_theta" not in d:
                 kw["rope_theta"] = rs["rope_theta"]
             if rtype != "default":
@@ -141,7 +148,10 @@ class ModelConfig:
         """The HF config.json for this architecture (run-time options dropped)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME and v is not None}
         if self.rope_scaling is not None:
-            d["rope_scaling"] = {**dataclasses.asdict(self.rope_scaling), "rope_type": str(self.rope_scaling.rope_type)}
+            d["rope_scaling"] = {
+                **dataclasses.asdict(self.rope_scaling),
+                "rope_type": str(self.rope_scaling.rope_type),
+            }
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **d}
