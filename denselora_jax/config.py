@@ -45,12 +45,6 @@ class DType(enum.StrEnum):
     FLOAT16 = "float16"
 
 
-class Schedule(enum.StrEnum):
-    LINEAR = "linear"  # linear warmup, then linear decay to 0 (the paper's, as HF Trainer)
-    COSINE = "cosine"  # linear warmup, then cosine decay to 0
-    CONSTANT = "constant"  # linear warmup, then constant
-
-
 class DistInit(enum.StrEnum):
     AUTO = "auto"  # initialise jax.distributed when a cluster is detected (env, Cloud TPU) or flags are set
     TRUE = "true"
@@ -121,7 +115,6 @@ class DataSection(_Section):
     cutoff_len: int = _f(256, ge=2)
     train_on_inputs: bool = True  # False masks the prompt out of the loss
     skip_invalid: bool = False  # drop (and count) rows without instruction/output instead of refusing
-    pad_multiple: int = _f(64, ge=1)  # pad lengths up to a multiple of this: few compiled shapes
 
     def _validate(self):
         if not self.train_files:
@@ -133,9 +126,8 @@ class DataSection(_Section):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerSection(_Section):
     KEY: ClassVar[str] = "optimizer"
-    learning_rate: float = _f(3e-4, gt=0)
+    learning_rate: float = _f(3e-4, gt=0)  # peak; linear warmup from 0, then linear decay to 0
     warmup_steps: int = _f(100, ge=0)
-    schedule: Schedule = Schedule.LINEAR
     weight_decay: float = _f(0.0, ge=0)
     max_grad_norm: float | None = _f(None, gt=0, note=", or null for no clipping")
     b1: float = _f(0.9, ge=0, lt=1)

@@ -57,12 +57,7 @@ def test_paper_configs_hold_the_paper_recipe(name):
         0.05,
         PAPER_TARGETS,
     )
-    assert (o.learning_rate, o.warmup_steps, o.weight_decay, o.schedule) == (
-        3e-4,
-        100,
-        0.0,
-        C.Schedule.LINEAR,
-    )
+    assert (o.learning_rate, o.warmup_steps, o.weight_decay, o.max_grad_norm) == (3e-4, 100, 0.0, None)
     assert (t.batch_size, t.micro_batch_size, t.epochs, t.max_steps, t.eval_every) == (16, 4, 2, None, 80)
     assert (d.train_files, d.cutoff_len, d.val_size, d.train_on_inputs) == (
         ("commonsense_170k.json",),
