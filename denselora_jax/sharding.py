@@ -1,0 +1,86 @@
+"""The device mesh and the one rules table that maps logical axis names to mesh axes.
+
+Base weights are sharded over `fsdp` (embed) and `tensor` (heads, kv_heads, mlp, vocab); the batch over
+`data` and `fsdp`; the adapter rank axis and the layer axis are never sharded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("lora_rank", None),
+    ("length", None),
+)
+
+
+def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; shape None puts every device on `data`."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = tuple(shape) if shape is not None else (len(devices), 1, 1)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {list(shape)}.")
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh.shape {list(shape)} holds {math.prod(shape)} devices but {len(devices)} are present; "
+            f"make the product of mesh.shape equal {len(devices)}."
+        )
+    # Classic GSPMD (Auto axes): jit propagates shardings from the explicit in/out shardings.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def logical_to_mesh(specs, mesh: Mesh, rules=RULES):
+    """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
+    """For [accum, rows, T] (leading=1) or [rows, T] (leading=0) batch arrays: rows over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), ("data", "fsdp"), None))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_adapter, adapter_shardings, mesh: Mesh):
+    """Optimizer moments shard like the adapter; scalars (step counts) are replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_adapter)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract_state,
+        adapter_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def put_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int, axis: int):
+    """Assemble a global array from this process's rows (each process holds only its share)."""
+
+    def one(x):
+        shape = list(x.shape)
+        shape[axis] = global_rows
+        return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+    return {k: one(v) for k, v in batch.items()}
