@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from denselora_jax.model.gguf import llama3_factors
+from denselora_jax.model.llama import abstract_params
 from denselora_jax.model.loading import fingerprint, load_pretrained
 from denselora_jax.model.weights import CheckpointError, CheckpointNotFoundError
 
@@ -115,6 +116,16 @@ def test_hf_dir_matches_state_dict(tmp_path, overrides):
     assert config.tie_word_embeddings == model.config.tie_word_embeddings
     assert config.param_dtype == "float32"
     assert_tree_equal(params, expected_tree(model))
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(), dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)]
+)
+def test_tree_matches_the_models_abstract_params(tmp_path, overrides):
+    save_tiny(tmp_path, **overrides)
+    config, params = load_pretrained(tmp_path)
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(config))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == want
 
 
 def test_sharded_checkpoint_loads(tmp_path):

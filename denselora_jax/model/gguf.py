@@ -174,6 +174,13 @@ def llama3_factors(theta: float, head_dim: int, factor: float, low: float, high:
 
 
 def _llama3_from_factors(factors, theta: float, head_dim: int, original: int, path: str) -> dict | None:
+    """Recover llama3 rope-scaling parameters from llama.cpp's per-frequency factors.
+
+    Between the two cut-offs 1/f = 1/factor + s (1 - 1/factor), with s = (original * x - low) / (high - low)
+    linear in x = inv_freq / 2pi. Only the line (and factor) matter, so low = 1 (Meta's value) loses nothing:
+    two smoothed frequencies give the line; with one, high = 4 (Meta's) is assumed; with none, only the
+    cut-offs matter and `original` (metadata or llama.cpp's default 8192) is checked against them.
+    """
     if factors.shape != (head_dim // 2,):
         raise CheckpointError(f"{path}: rope_freqs has shape {factors.shape}, expected ({head_dim // 2},).")
     if np.allclose(factors, 1.0):
@@ -181,24 +188,24 @@ def _llama3_from_factors(factors, theta: float, head_dim: int, original: int, pa
     factor = round(float(factors.max()), 6)
     if np.allclose(factors, factor, rtol=1e-6):
         return {"rope_type": "linear", "factor": factor}
-    # Between the two cut-offs, 1/f = 1/factor + s (1 - 1/factor) with s = a * inv_freq/2pi - b linear in
-    # the frequency, a = original/(high-low), b = low/(high-low): two medium points determine low and high.
-    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    x = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)
     medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
-    low, high = 1.0, 4.0  # Meta's values, when too few medium frequencies pin them down
+    s = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    high = 4.0
     if medium.sum() >= 2:
-        s = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
-        a, b = np.polyfit(inv_freq[medium] / (2 * math.pi), s, 1) * np.array([1.0, -1.0])
-        low, high = round(b * original / a, 6), round((b + 1) * original / a, 6)
-    fitted = llama3_factors(theta, head_dim, factor, low, high, original)
+        slope, intercept = np.polyfit(x[medium], s, 1)  # s = original/(high-1) x - 1/(high-1)
+        high, original = round(float(1 - 1 / intercept), 6), round(float(-slope / intercept))
+    elif medium.sum() == 1:
+        original = round((s[0] * (high - 1) + 1) / x[medium][0])
+    fitted = llama3_factors(theta, head_dim, factor, 1.0, high, original)
     if not np.allclose(fitted, factors, rtol=1e-4):
         raise CheckpointError(
-            f"{path}: rope_freqs does not follow llama3 rope scaling (or linear); this rope scaling is not supported."
+            f"{path}: rope_freqs does not follow llama3 (or linear) rope scaling; this rope scaling is not supported."
         )
     return {
         "rope_type": "llama3",
         "factor": factor,
-        "low_freq_factor": low,
+        "low_freq_factor": 1.0,
         "high_freq_factor": high,
         "original_max_position_embeddings": original,
     }
