@@ -26,6 +26,7 @@ RULES = (
     ("head_dim", None),
     ("layers", None),
     ("lora_rank", None),
+    ("lora_rank_out", None),  # the second rank axis of the dense r x r matrix
     ("length", None),
 )
 

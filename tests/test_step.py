@@ -15,11 +15,11 @@ from denselora_jax.step import jit_train_step, make_optimizer, train_step
 
 MC = ModelConfig(
     vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
+    hidden_size=64,
+    intermediate_size=128,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
 )
 AC = AdapterConfig(rank=4, alpha=8.0, dropout=0.0)
 
@@ -139,13 +139,18 @@ def test_loss_falls_on_learnable_task():
     assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5]), losses
 
 
-@pytest.mark.parametrize("method", ["denselora", "lora"])
-def test_mesh_shapes_give_same_result(method):
+ALL_MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1), (4, 2, 1), (1, 2, 4)]
+
+
+@pytest.mark.parametrize(
+    "method,meshes", [("denselora", ALL_MESHES), ("lora", [(1, 1, 1), (2, 2, 2), (1, 2, 4)])]
+)
+def test_mesh_shapes_give_same_result(method, meshes):
     ac = AdapterConfig(method=method, rank=4, alpha=8.0, dropout=0.05)
     base0, adapter0 = _setup(ac)
-    batches = [_batch(np.random.RandomState(10 + i), 2, 8, 16, lengths=None) for i in range(3)]
+    batches = [_batch(np.random.RandomState(10 + i), 2, 8, 16, lengths=None) for i in range(2)]
     results = {}
-    for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1), (4, 2, 1), (1, 2, 4)]:
+    for shape in meshes:
         devices = jax.devices()[: int(np.prod(shape))]
         mesh = make_mesh(shape, devices)
         base_sh = logical_to_mesh(param_axes(MC), mesh)
@@ -176,4 +181,3 @@ def test_mesh_shapes_give_same_result(method):
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), ad, ref_ad)
     assert ref_losses[-1] != ref_losses[0]
-    del optax

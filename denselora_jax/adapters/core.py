@@ -51,7 +51,7 @@ def _spec(mc: ModelConfig, ac: AdapterConfig) -> dict:
             grp, lead, lax_ = ("shared", (), ()) if ac.share_across_layers else ("layers", (L,), ("layers",))
             out[grp, t, "encoder"] = (lead + (d_in, r), lax_ + (a_in, "lora_rank"), kaiming_in)
             out[grp, t, "decoder"] = (lead + (r, d_out), lax_ + ("lora_rank", a_out), ("zeros",))
-            out["layers", t, "dense"] = ((L, r, r), ("layers", "lora_rank", "lora_rank"), kaiming_r)
+            out["layers", t, "dense"] = ((L, r, r), ("layers", "lora_rank", "lora_rank_out"), kaiming_r)
         else:
             out["layers", t, "lora_A"] = ((L, d_in, r), ("layers", a_in, "lora_rank"), kaiming_in)
             out["layers", t, "lora_B"] = ((L, r, d_out), ("layers", "lora_rank", a_out), ("zeros",))
@@ -98,8 +98,10 @@ def init_adapter(mc: ModelConfig, ac: AdapterConfig, rng: jax.Array, base_params
         else:  # DoRA magnitude = ||W0|| over the input axis, per output unit (as peft initialises it)
             if base_params is None:
                 raise ValueError("DoRA's magnitude is initialised from the base weights: pass base_params.")
-            w = base_kernel_2d(mc, base_params, key[1]).astype(jnp.float32)
-            flat[key] = jnp.linalg.norm(w, axis=-2)
+            w = base_kernel_2d(mc, base_params, key[1])
+            a, b = flat[(*key[:2], "lora_A")], flat[(*key[:2], "lora_B")]  # sorted keys: A, B come first
+            # Per layer, the very expression the forward divides by: magnitude / norm is exactly 1 at init.
+            flat[key] = jnp.stack([dora_weight_norm(w[i], a[i], b[i], ac.scaling) for i in range(shape[0])])
     return _nest(flat)
 
 
@@ -109,6 +111,11 @@ def base_kernel_2d(mc: ModelConfig, base_params: dict, target: str) -> jax.Array
     w = base_params["layers"][grp][target]["kernel"]
     d_in, d_out = mc.projection_dims()[target]
     return w.reshape(w.shape[0], d_in, d_out)
+
+
+def dora_weight_norm(w_io, lora_A, lora_B, s):
+    """||W0 + s (A B)|| over the input axis, one value per output unit (peft's DoRA weight norm)."""
+    return jnp.linalg.norm(w_io.astype(jnp.float32) + s * (lora_A @ lora_B), axis=0)
 
 
 def _dropout(x, rate, rng):
@@ -141,7 +148,6 @@ def adapted_projection(ac, x_bi, w_io, b_o, y_bo, p, rng):
     if ac.method == Method.LORA:
         return y_bo + s * lora
     # DoRA exactly as peft computes it: the weight norm is detached from the graph.
-    w = w_io.astype(jnp.float32) + s * (p["lora_A"] @ p["lora_B"])
-    scale = p["magnitude"] / jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+    scale = p["magnitude"] / jax.lax.stop_gradient(dora_weight_norm(w_io, p["lora_A"], p["lora_B"], s))
     base = y_bo - (b_o if b_o is not None else 0.0) if x_d is x_bi else _mm(x_d, w_io)
     return y_bo + (scale - 1.0) * base + scale * s * lora
