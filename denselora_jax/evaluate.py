@@ -56,7 +56,7 @@ def find_test_sets(data_dir, names: Sequence[str] | None = None) -> tuple[dict[s
     Unknown names and a directory with none of the datasets are errors; single missing ones are not.
     """
     data_dir = os.fspath(data_dir)
-    names = list(DATASETS if names is None else names)
+    names = list(DATASETS if names is None else names.split(",") if isinstance(names, str) else names)
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
         raise EvalDataError(
@@ -272,8 +272,10 @@ def evaluate(
     settings = {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
     run = _Run(config, params, tokenizer, batch_size, adapter, adapter_config, num_beams, max_new_tokens)
     per_dataset, predictions = {}, {}
-    for name, path in present.items():
-        records = load_test_set(name, path, limit)
+    test_sets = {
+        name: load_test_set(name, path, limit) for name, path in present.items()
+    }  # all checked first
+    for name, records in test_sets.items():
         stats = {"correct": 0, "seen": 0}
         bar_ = tqdm(total=len(records), desc=f"{name} ({mode})", disable=not progress, file=sys.stderr)
 
@@ -385,22 +387,18 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    find_test_sets(args.data_dir, names)  # bad paths/names fail before the model loads
-    config, params = load_pretrained(args.model, dtype=args.dtype)
-    results = evaluate(
-        config,
-        params,
-        load_tokenizer(args.model),
-        args.data_dir,
-        datasets=names,
-        adapter=args.adapter,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        mode=args.mode,
-        output_dir=args.output,
-    )
+    kw = {
+        k: getattr(args, k) for k in ("adapter", "limit", "batch_size", "num_beams", "max_new_tokens", "mode")
+    }
+    try:
+        for name, path in find_test_sets(args.data_dir, names)[0].items():  # bad data fails before loading
+            load_test_set(name, path, args.limit)
+        config, params = load_pretrained(args.model, dtype=args.dtype)
+        tok = load_tokenizer(args.model)
+        results = evaluate(config, params, tok, args.data_dir, datasets=names, output_dir=args.output, **kw)
+    except (ValueError, FileNotFoundError) as e:  # our errors name the file and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(results_markdown(results))
     return 0
 

@@ -402,11 +402,15 @@ def main(argv=None) -> int:
         raise SystemExit("generate: give --prompt TEXT (repeatable) or --prompts-file FILE.")
     if args.template:
         prompts = [generate_prompt(p) for p in prompts]
-    config, params = load_pretrained(args.model, dtype=args.dtype)
-    tok = load_tokenizer(args.model)
     adapter = adapter_config = None
-    if args.adapter:
-        adapter, adapter_config = load_checked_adapter(config, params, args.adapter)
+    try:
+        config, params = load_pretrained(args.model, dtype=args.dtype)
+        tok = load_tokenizer(args.model)
+        if args.adapter:
+            adapter, adapter_config = load_checked_adapter(config, params, args.adapter)
+    except (ValueError, FileNotFoundError) as e:  # our errors name the file and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rng = jax.random.key(args.seed)
     names = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k")
