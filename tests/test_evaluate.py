@@ -2,6 +2,7 @@
 responses (first match wins, no match is wrong, case), generation results against transformers' beam search
 + extraction, log-likelihood scores against transformers' log-probs, results files, the CLI, bad input."""
 
+import importlib
 import json
 import logging
 import shutil
@@ -18,7 +19,6 @@ from test_generate import (  # noqa: F401 (one_torch_thread: an autouse fixture)
     save_tiny_with_tokenizer,
 )
 
-import denselora_jax.evaluate as ev
 from denselora_jax.adapters.config import AdapterConfig
 from denselora_jax.adapters.core import init_adapter
 from denselora_jax.adapters.io import AdapterMismatchError, save_adapter
@@ -85,7 +85,8 @@ def test_accuracy_with_scripted_responses(tmp_path, tiny, monkeypatch, caplog):
             out[k, ids.shape[1] : ids.shape[1] + len(r)] = r
         return out
 
-    monkeypatch.setattr(ev, "generate", fake_generate)
+    # the module (not a package-level `evaluate` function of the same name, should one be exported)
+    monkeypatch.setattr(importlib.import_module("denselora_jax.evaluate"), "generate", fake_generate)
     with caplog.at_level(logging.WARNING):
         res = evaluate(config, params, tok, data, batch_size=3, output_dir=tmp_path / "out", progress=False)
     assert res["missing"] == ["ARC-Easy", "openbookqa"] and "ARC-Easy" in caplog.text
