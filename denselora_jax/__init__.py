@@ -6,18 +6,11 @@ The public API: load a model, build or load an adapter, run the model with it, c
 from denselora_jax.adapters.config import PAPER_TARGETS, PROJECTIONS, Activation, AdapterConfig, Method
 from denselora_jax.adapters.core import abstract_adapter, adapter_axes, count_adapter_params, init_adapter
 from denselora_jax.adapters.io import load_adapter, save_adapter
+from denselora_jax.decoding import generate
 from denselora_jax.model.config import ModelConfig, Remat
 from denselora_jax.model.llama import abstract_params, count_params, forward, init_params, param_axes
 from denselora_jax.model.loading import fingerprint, load_pretrained, load_tokenizer
 from denselora_jax.params import param_report
-
-
-def generate(*args, **kwargs):
-    """Batched decoding with a KV cache (see denselora_jax.generate.generate)."""
-    from denselora_jax.generate import generate as _generate
-
-    return _generate(*args, **kwargs)
-
 
 __all__ = [
     "PAPER_TARGETS",

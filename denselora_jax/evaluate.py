@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from denselora_jax.generate import generate, load_checked_adapter, pad_left
+from denselora_jax.decoding import generate, load_checked_adapter, pad_left
 from denselora_jax.model.config import ModelConfig
 from denselora_jax.model.llama import forward_cached, init_cache, positions_from_mask
 from denselora_jax.model.loading import load_pretrained, load_tokenizer

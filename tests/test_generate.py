@@ -21,7 +21,8 @@ from transformers.generation.logits_process import (
 
 from denselora_jax.adapters.config import AdapterConfig
 from denselora_jax.adapters.core import init_adapter
-from denselora_jax.generate import Sampling, _warp, generate, main, pad_left
+from denselora_jax.decoding import Sampling, _warp, generate, pad_left
+from denselora_jax.generate import main
 from denselora_jax.model.config import ModelConfig
 from denselora_jax.model.llama import forward, forward_cached, init_cache, init_params, positions_from_mask
 from denselora_jax.model.loading import load_pretrained, load_tokenizer
