@@ -4,13 +4,19 @@ Tensors are stored in PyTorch orientation (out x in), the transpose of our [in, 
 layer for per-layer parameters and ONE tensor for each shared encoder/decoder. The file name of a tensor
 follows from its tree path alone (`_file_name`); the JSON records the adapter config, the base model's
 fingerprint and the projection widths, so shapes are checked before any tensor is read.
+
+`load_adapter` also reads a PEFT LoRA/DoRA directory (peft's save_pretrained: an adapter_config.json with
+"peft_type" and `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`-named tensors) into
+this project's LoRA/DoRA tree, refusing PEFT features that tree cannot hold (see `_peft_header`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -21,7 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from denselora_jax.adapters.config import AdapterConfig, Method
+from denselora_jax.adapters.config import PROJECTIONS, AdapterConfig, Method
 from denselora_jax.adapters.core import abstract_adapter
 from denselora_jax.model.config import ModelConfig
 
@@ -173,6 +179,11 @@ def save_adapter(
         raise
 
 
+class AdapterFormat(enum.StrEnum):
+    DENSELORA_JAX = "denselora-jax"  # save_adapter's
+    PEFT = "peft"  # peft's save_pretrained (LoRA, DoRA)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Header:
     """What adapter_config.json says, validated."""
@@ -181,6 +192,12 @@ class _Header:
     widths: dict[str, tuple[int, int]]  # {target: (d_in, d_out)}
     num_layers: int
     fingerprint: str | None
+    format: AdapterFormat = AdapterFormat.DENSELORA_JAX
+
+    def tensor_name(self, grp: str, target: str, name: str, layer: int | None) -> str:
+        if self.format is AdapterFormat.PEFT:
+            return _peft_name(target, name, layer)
+        return _file_name(grp, target, name, layer)
 
 
 def _read_header(directory: str) -> _Header:
@@ -188,6 +205,11 @@ def _read_header(directory: str) -> _Header:
         raise AdapterNotFoundError(f"{directory}: no such adapter directory.")
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not os.path.isfile(os.path.join(directory, file)):
+            if file == WEIGHTS_FILE and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+                raise AdapterNotFoundError(
+                    f"{directory}: only adapter_model.bin (pickled PEFT weights, not read here); re-save the "
+                    "adapter with peft's save_pretrained(dir, safe_serialization=True)."
+                )
             raise AdapterNotFoundError(
                 f"{directory}: {file} is missing; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE} "
                 "(written by save_adapter)."
@@ -198,6 +220,8 @@ def _read_header(directory: str) -> _Header:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFileError(f"{path}: not readable JSON ({e}); the file is corrupt.") from None
+    if isinstance(meta, dict) and "peft_type" in meta and meta.get("format") != FORMAT:
+        return _peft_header(directory, meta)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f'{path}: not a denselora-jax adapter (no "format": "{FORMAT}").')
     if meta.get("format_version") != FORMAT_VERSION:
@@ -259,7 +283,8 @@ def load_adapter(
     force: bool = False,
     method: Method | str | None = None,
 ) -> tuple[dict, AdapterConfig]:
-    """Read an adapter written by save_adapter as (adapter tree (float32, [in, out]), AdapterConfig).
+    """Read an adapter written by save_adapter (or a PEFT LoRA/DoRA directory) as (adapter tree (float32,
+    [in, out]), AdapterConfig).
 
     model_config: refuse an adapter whose shapes do not fit this model. base_fingerprint: refuse an adapter
     saved for a base with another fingerprint, unless force=True (which also needs model_config: a forced
@@ -282,7 +307,7 @@ def load_adapter(
     for grp, t, name in expected:
         torch_shape = _torch_shape(name, ac.rank, *h.widths[t])
         for layer in [None] if grp == "shared" else range(h.num_layers):
-            slots[_file_name(grp, t, name, layer)] = ((grp, t, name), layer, torch_shape)
+            slots[h.tensor_name(grp, t, name, layer)] = ((grp, t, name), layer, torch_shape)
     path = os.path.join(directory, WEIGHTS_FILE)
     host = {k: np.empty(s, np.float32) for k, s in expected.items()}
     try:
@@ -318,3 +343,110 @@ def load_adapter(
 
 def _some(names: list[str]) -> str:
     return str(names[:4])[:-1] + (", ...]" if len(names) > 4 else "]")
+
+
+# --- PEFT LoRA / DoRA directories ---------------------------------------------------------------------------
+
+_PEFT_KEY = re.compile(
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
+)
+_PEFT_TENSOR = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+_PEFT_OF_OURS = {ours: peft for peft, ours in _PEFT_TENSOR.items()}
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Config entries read into AdapterConfig, and entries that never change what a saved adapter computes
+# (bookkeeping; init-time options; which modules are adapted, which the tensors themselves show). Any other
+# entry must hold its "off" value (None, False, "none", {}, []): a new PEFT feature is refused, not ignored.
+_PEFT_READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora"}
+_PEFT_INERT = {
+    "target_modules", "exclude_modules", "layers_pattern", "base_model_name_or_path", "revision",
+    "task_type", "inference_mode", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
+    "runtime_config", "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "init_lora_weights",
+}  # fmt: skip
+# Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA change them).
+_PEFT_PLAIN_INIT = (True, False, "gaussian", "orthogonal", "eva")
+_PEFT_WHY = {
+    "bias": "trained bias terms",
+    "lora_bias": "LoRA bias terms",
+    "modules_to_save": "fully trained extra modules",
+    "rank_pattern": "layer-specific ranks",
+    "alpha_pattern": "layer-specific alphas",
+    "layers_to_transform": "only some layers adapted",
+    "trainable_token_indices": "trained token embeddings",
+}
+
+
+def _peft_name(target: str, name: str, layer: int | None) -> str:
+    grp = "self_attn" if target in _ATTENTION else "mlp"
+    return f"base_model.model.model.layers.{layer}.{grp}.{target}.{_PEFT_OF_OURS[name]}"
+
+
+def _peft_header(directory: str, meta: dict) -> _Header:
+    """The header of a PEFT LoRA/DoRA directory: options from its JSON, targets/widths/layers from its tensors.
+
+    Only what our LoRA/DoRA tree holds exactly is accepted: every layer of each adapted LLaMA projection, one
+    rank and alpha, no biases, no extra trained modules, base weights untouched by the initialisation.
+    """
+    path = os.path.join(directory, CONFIG_FILE)
+    fix = "; only plain LoRA/DoRA of LLaMA projections in every layer can be imported."
+    if meta["peft_type"] != "LORA":
+        raise AdapterFileError(f"{path}: a PEFT {meta['peft_type']} adapter{fix}")
+    missing = [k for k in ("r", "lora_alpha") if k not in meta]
+    if missing:
+        raise AdapterFileError(
+            f"{path}: not a denselora-jax adapter, nor a complete PEFT LoRA config ({missing} missing); "
+            "write it with peft's save_pretrained."
+        )
+    init = meta.get("init_lora_weights", True)
+    used = [] if init in _PEFT_PLAIN_INIT else [f"init_lora_weights={init!r} (changes the base weights)"]
+    for k, v in meta.items():
+        if k not in _PEFT_READ | _PEFT_INERT and v and v != "none":
+            used.append(f"{k}={v!r} ({_PEFT_WHY.get(k, 'not implemented here')})")
+    if used:
+        raise AdapterFileError(
+            f"{path}: PEFT options this project's LoRA cannot hold: {'; '.join(used)}{fix}"
+        )
+
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise AdapterFileError(f"{weights}: cannot read ({e}); the file is truncated or corrupt.") from None
+    found: dict[tuple[str, str], dict[int, tuple]] = {}  # (target, our name) -> {layer: torch shape}
+    other = []
+    for key, shape in shapes.items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None or m[3] not in PROJECTIONS or (m[2] == "self_attn") != (m[3] in _ATTENTION):
+            other.append(key)
+        else:
+            found.setdefault((m[3], _PEFT_TENSOR[m[4]]), {})[int(m[1])] = shape
+    if other or not found:
+        raise AdapterFileError(
+            f"{weights}: tensors other than lora_A/lora_B/lora_magnitude_vector of the layers' LLaMA "
+            f"projections (e.g. of lm_head, embeddings, biases): {_some(sorted(other)) if other else 'none'}{fix}"
+        )
+    r, n_layers = meta["r"], 1 + max(i for per_layer in found.values() for i in per_layer)
+    targets = [t for t in PROJECTIONS if any(key[0] == t for key in found)]
+    for (t, name), per_layer in found.items():
+        if sorted(per_layer) != list(range(n_layers)):
+            raise AdapterFileError(f"{weights}: {t} is adapted in layers {sorted(per_layer)} only{fix}")
+        rank_axis = {"lora_A": 0, "lora_B": 1}.get(name)
+        if rank_axis is not None and {shape[rank_axis] for shape in per_layer.values()} != {r}:
+            raise AdapterFileError(f"{weights}: {t} has layer-specific ranks (r={r} in {CONFIG_FILE}){fix}")
+    if any((t, name) not in found for t in targets for name in ("lora_A", "lora_B")):
+        raise AdapterFileError(f"{weights}: some projections have lora_A without lora_B or the reverse{fix}")
+    widths = {t: (found[t, "lora_A"][0][1], found[t, "lora_B"][0][0]) for t in targets}
+    try:
+        ac = AdapterConfig(
+            method=Method.DORA if meta.get("use_dora") else Method.LORA,
+            rank=r,
+            alpha=float(meta["lora_alpha"]),
+            dropout=float(meta.get("lora_dropout") or 0.0),
+            targets=tuple(widths),
+            use_rslora=bool(meta.get("use_rslora")),
+        )
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{path}: invalid PEFT LoRA config ({e}).") from None
+    return _Header(ac, widths, n_layers, None, AdapterFormat.PEFT)
