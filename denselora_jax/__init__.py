@@ -7,6 +7,7 @@ from denselora_jax.adapters.config import PAPER_TARGETS, PROJECTIONS, Activation
 from denselora_jax.adapters.core import abstract_adapter, adapter_axes, count_adapter_params, init_adapter
 from denselora_jax.adapters.io import load_adapter, save_adapter
 from denselora_jax.decoding import generate
+from denselora_jax.merge import merge_lora
 from denselora_jax.model.config import ModelConfig, Remat
 from denselora_jax.model.llama import abstract_params, count_params, forward, init_params, param_axes
 from denselora_jax.model.loading import fingerprint, load_pretrained, load_tokenizer
@@ -33,6 +34,7 @@ __all__ = [
     "load_adapter",
     "load_pretrained",
     "load_tokenizer",
+    "merge_lora",
     "param_axes",
     "param_report",
     "save_adapter",
