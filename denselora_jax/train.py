@@ -269,10 +269,11 @@ class Run:
                 metrics.write(record)
             if until_step is not None and self.step >= until_step and self.stop_signal is None:
                 self.stop_signal = f"until_step={until_step}"
-            last = self.step == self.total_steps or self.stop_signal is not None
+            stop = self.stop_signal  # read once: a signal arriving during the save stops after the next step
+            last = self.step == self.total_steps or stop is not None
             self.ckpt.save(self.step, self.adapter, self.opt_state, self.meta(), force=last)
-            if self.stop_signal is not None:
-                self.log(f"{self.stop_signal}: saved step {self.step}; rerun the same command to continue")
+            if stop is not None:
+                self.log(f"{stop}: saved step {self.step}; rerun the same command to continue")
                 break
         bar.close()
         self.ckpt.wait()
@@ -305,8 +306,14 @@ def main(argv=None) -> int:
     except (cfglib.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run.train()
-    if result["val_loss_before"] is not None and jax.process_index() == 0:
+    try:
+        result = run.train()
+    except NonFiniteLossError as e:
+        run.ckpt.close()  # let the last finite state's save (async) commit before exiting
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    # None when validation is off, or (after) when no evaluation ran: stopped early, or resumed at the end.
+    if None not in (result["val_loss_before"], result["val_loss_after"]) and jax.process_index() == 0:
         print(
             f"validation loss: before {result['val_loss_before']:.4f}, after {result['val_loss_after']:.4f}"
         )
