@@ -502,6 +502,16 @@ def validate_against_model(cfg: RunConfig, model_config: ModelConfig) -> None:
                 f"mesh.shape={list(cfg.mesh.shape)}: the tensor axis ({tensor}) does not divide the model's "
                 f"{name}={n}; use a tensor size among {_list(ok)} and move the other devices to data or fsdp."
             )
+    fsdp = (cfg.mesh.shape or (1, 1, 1))[1]
+    for name, n, axis, size in (
+        ("vocab_size", model_config.vocab_size, "tensor", tensor),
+        ("hidden_size", model_config.hidden_size, "fsdp", fsdp),
+    ):
+        if n % size:
+            raise ConfigError(
+                f"mesh.shape={list(cfg.mesh.shape)}: the {axis} axis ({size}) does not divide the model's "
+                f"{name}={n}; choose a {axis} size that divides it and move the other devices to data."
+            )
     if cfg.data.cutoff_len > (limit := model_config.max_position_embeddings):
         raise ConfigError(
             f"data.cutoff_len={cfg.data.cutoff_len} exceeds the model's max_position_embeddings="
