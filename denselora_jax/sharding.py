@@ -1,7 +1,9 @@
 """The device mesh and the one rules table that maps logical axis names to mesh axes.
 
 Base weights are sharded over `fsdp` (embed) and `tensor` (heads, kv_heads, mlp, vocab); the batch over
-`data` and `fsdp`; the adapter rank axis and the layer axis are never sharded.
+`data` and `fsdp`; the adapter rank axis and the layer axis are never sharded. The adapter and the
+optimizer moments use the same table (moments shard like their parameter), so one change here moves all
+three trees; tests/golden/partition_specs.json records the result.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * leading), ("data", "fsdp"), None))
 
 
+def mesh_axes(logical_specs, rules=RULES):
+    """A tree of logical PartitionSpecs -> the same tree of mesh-axis PartitionSpecs (no mesh needed)."""
+    return jax.tree.map(
+        lambda s: nn.logical_to_mesh_axes(s, rules),
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def opt_state_axes(tx: optax.GradientTransformation, abstract_adapter, adapter_specs):
+    """PartitionSpecs of the optimizer state: moments like their parameter, scalars (counts) replicated."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        jax.eval_shape(tx.init, abstract_adapter),
+        adapter_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_adapter, adapter_shardings, mesh: Mesh):
     """Optimizer moments shard like the adapter; scalars (step counts) are replicated."""
     abstract_state = jax.eval_shape(tx.init, abstract_adapter)
@@ -70,6 +93,26 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_adapter, adap
         adapter_shardings,
         transform_non_params=lambda _: replicated(mesh),
     )
+
+
+def spec_table(tree) -> dict[str, PartitionSpec]:
+    """{"a/b/c": PartitionSpec} of a tree of Shardings or PartitionSpecs (for reports and golden files)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): getattr(leaf, "spec", leaf)
+        for path, leaf in leaves
+    }
+
+
+def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh_shape: dict[str, int]) -> tuple[int, ...]:
+    """The per-device block of a global `shape` under a mesh-axis `spec` (ceil where the axis does not
+    divide, as XLA pads), for a mesh given only by its axis sizes."""
+    out = []
+    for i, n in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out.append(-(-n // math.prod(mesh_shape[a] for a in names)))
+    return tuple(out)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -41,20 +41,61 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise cfglib.ConfigError(f"environment variable {name}={value!r} must be a non-negative integer.")
+    return int(value)
+
+
+def _cluster_launcher() -> str | None:
+    """The multi-process launcher jax.distributed.initialize() configures itself from, if any; looked up
+    in the environment (and the PCI bus for TPU chips) without starting JAX's backends."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if env.get("SLURM_JOB_ID") and (_env_int("SLURM_NTASKS") or 1) > 1:
+        return "SLURM"
+    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "Open MPI"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") + env.get("TPU_PROCESS_ADDRESSES", ""):
+        return "Cloud TPU (GKE)"
+    try:  # private, but how JAX itself finds TPU chips before start-up; a TPU VM learns its slice from GCE
+        from jax._src import hardware_utils
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+            return "Cloud TPU VM"
+    except (ImportError, AttributeError, OSError):
+        pass
+    return None
+
+
 def init_distributed(dc: cfglib.DistributedSection) -> None:
-    """jax.distributed.initialize when asked (config or the usual environment variables; Cloud TPU)."""
-    given = any(v is not None for v in (dc.coordinator_address, dc.num_processes, dc.process_id))
-    env = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if dc.initialize == cfglib.DistInit.FALSE:
+    """jax.distributed.initialize when asked: by the config (distributed.*), by JAX_COORDINATOR_ADDRESS
+    (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), or automatically under SLURM, Open MPI and on Cloud TPU (where
+    every worker runs the same command). Config keys win over environment variables."""
+    if dc.initialize == cfglib.DistInit.FALSE or jax.distributed.is_initialized():
         return
-    if dc.initialize == cfglib.DistInit.AUTO and not (given or env or tpu_pod):
-        return
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-    jax.distributed.initialize(
-        coordinator_address=dc.coordinator_address, num_processes=dc.num_processes, process_id=dc.process_id
-    )
+    address = dc.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num = dc.num_processes if dc.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = dc.process_id if dc.process_id is not None else _env_int("JAX_PROCESS_ID")
+    launcher = _cluster_launcher()
+    if dc.initialize == cfglib.DistInit.AUTO and launcher is None and (address, num, pid) == (None,) * 3:
+        return  # a single process
+    if launcher in (None, "JAX_COORDINATOR_ADDRESS") and None in (address, num, pid):
+        missing = [k for k, v in (("coordinator_address", address), ("num_processes", num),
+                                  ("process_id", pid)) if v is None]  # fmt: skip
+        raise cfglib.ConfigError(
+            f"multi-process start-up needs distributed.{', distributed.'.join(missing)} (no SLURM, Open MPI "
+            "or Cloud TPU environment provides them): set distributed.coordinator_address=HOST:PORT of "
+            "process 0, distributed.num_processes and distributed.process_id on every process (or "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or distributed.initialize=false."
+        )
+    # Cross-process collectives of the CPU backend (tests, CPU clusters) go over gloo; GPU/TPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
 def _with_shardings(abstract, shardings):
