@@ -72,7 +72,6 @@ def _uint_view(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-@jax.jit
 def _leaf_check(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(all finite, digest). The digest sums a bijective mix of (bits, flat index) per element modulo 2**32:
     integer sums do not depend on reduction order or sharding, and any single changed element changes it."""
@@ -88,6 +87,9 @@ def _leaf_check(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return finite, jnp.sum(mixed, dtype=jnp.uint32)
 
 
+_all_checks = jax.jit(lambda flats: jax.tree.map(_leaf_check, flats))
+
+
 def _flat(tree: Any) -> dict[str, Any]:
     """Leaves keyed 'a/b/0' the same way for arrays, abstract arrays and Orbax metadata trees."""
     return {"/".join(key): leaf for key, leaf in ocp.tree.to_flat_dict(tree).items()}
@@ -96,9 +98,9 @@ def _flat(tree: Any) -> dict[str, Any]:
 def _inspect(items: Mapping[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Digests per item and leaf, and the names of leaves holding NaN/Inf (one device sync in all)."""
     flats = {name: _flat(tree) for name, tree in items.items()}
-    checks = jax.device_get(
-        {n: {k: _leaf_check(jnp.asarray(v)) for k, v in f.items()} for n, f in flats.items()}
-    )
+    # One program for every leaf: many small cross-process programs in flight at once can stall
+    # multi-process CPU runs (seen with gloo), and one dispatch is faster anyway.
+    checks = jax.device_get(_all_checks(jax.tree.map(jnp.asarray, flats)))
     digests = {n: {k: int(d) for k, (_, d) in c.items()} for n, c in checks.items()}
     bad = [f"{n}/{k}" for n, c in checks.items() for k, (finite, _) in c.items() if not finite]
     return digests, bad
