@@ -341,8 +341,8 @@ class Run:
 
 def main(argv=None) -> int:
     cfg, flags = cfglib.parse_args(argv)
-    init_distributed(cfg.distributed)
     try:
+        init_distributed(cfg.distributed)
         run = Run(cfg, resume=flags.resume)
     except (cfglib.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
