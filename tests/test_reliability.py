@@ -35,10 +35,10 @@ generate_cli = importlib.import_module("denselora_jax.generate")  # the CLI modu
 STEPS = 6
 SEED = 42
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-# mesh [4, 2, 1] (data, fsdp, tensor) with micro-batch 1: data-parallel 8, so each step of 16 examples
-# accumulates 2 micro-batches. (No tensor axis: the tiny tokenizer's vocabulary is odd; see the xfail below.)
-MESH = "[4,2,1]"
-LAYOUT = dict(batch_size=16, micro_batch_size=1, data_parallel_size=8)
+# mesh [2, 2, 2] (data, fsdp, tensor) with micro-batch 1: data-parallel 4, so each step of 8 examples
+# accumulates 2 micro-batches, and the base and the adapter are split over fsdp and tensor.
+MESH = "[2,2,2]"
+LAYOUT = dict(batch_size=8, micro_batch_size=1, data_parallel_size=4)
 NO_VAL = {"data.val_size": 0}  # for data placed by record index (a validation split would move it)
 
 
@@ -50,7 +50,7 @@ def _args(model, data, out, **extra) -> list[str]:
         "adapter.targets": "[q_proj,v_proj]",  # half the compile time of the paper's five targets
         "data.train_files": f"[{data}]",
         "data.val_size": 8,  # validation, and best-by-validation checkpoints, in every kept run too
-        "data.cutoff_len": 128,  # every example (the prompt template alone is ~90 tokens) pads to 128
+        "data.cutoff_len": 128,  # every example pads to 128 (the prompt template alone is over 64 tokens)
         "train.batch_size": LAYOUT["batch_size"],
         "train.micro_batch_size": LAYOUT["micro_batch_size"],
         "train.max_steps": STEPS,
@@ -232,8 +232,8 @@ def weightless_model(tiny_llama_dir, tmp_path_factory):
             ["tensor axis (4) does not divide", "num_key_value_heads=2", "among 1, 2"],
         ),
         (
-            {"mesh.shape": "[8,1,1]", "train.micro_batch_size": 4},
-            ["train.batch_size=16 is not divisible by train.micro_batch_size x data-parallel size = 4 x 8"],
+            {"mesh.shape": "[8,1,1]", "train.micro_batch_size": 2},
+            ["train.batch_size=8 is not divisible by train.micro_batch_size x data-parallel size = 2 x 8"],
         ),
     ],
     ids=["target", "mesh-size", "tensor-vs-heads", "tensor-vs-kv-heads", "batch-vs-micro-x-dp"],
@@ -249,26 +249,18 @@ def test_config_is_refused_before_any_weight_is_read(
     assert not reads and not out.exists()  # no weight read, nothing written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.validate_against_model checks the tensor axis against heads, KV heads and the MLP width "
-    "but not vocab_size, which the rules shard over `tensor` too: an odd vocabulary fails after the weights "
-    "are read, with JAX's IndivisibleError",
-)
 def test_tensor_axis_not_dividing_the_vocabulary_is_refused_before_any_weight_is_read(
     tiny_llama_dir, tmp_path, capsys, monkeypatch
 ):
-    from denselora_jax.model.config import ModelConfig
-
-    vocab = ModelConfig.from_json(pathlib.Path(tiny_llama_dir) / "config.json").vocab_size
-    assert vocab % 2, "the tiny tokenizer's vocabulary is even now: this test needs an odd one"
+    model = _copy_model(tiny_llama_dir, tmp_path / "odd_vocab")
+    config = json.loads(pathlib.Path(model, "config.json").read_text())
+    vocab = config["vocab_size"] + 1  # odd: the embedding's vocab axis cannot be split over tensor=2
+    pathlib.Path(model, "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
     reads = _probe_weight_reads(monkeypatch)
-    assert (
-        _main(_args(tiny_llama_dir, tmp_path / "absent.json", tmp_path / "run", **{"mesh.shape": "[2,2,2]"}))
-        == 2
-    )
+    assert _main(_args(model, tmp_path / "absent.json", tmp_path / "run", **{"mesh.shape": "[2,2,2]"})) == 2
+    message = _one_error(capsys.readouterr().err)
+    assert "tensor axis (2) does not divide" in message and f"vocab_size={vocab}" in message, message
     assert not reads
-    assert f"vocab_size={vocab}" in _one_error(capsys.readouterr().err)
 
 
 def test_truncated_safetensors_is_refused_naming_the_file(weightless_model, data_file, tmp_path, capsys):
@@ -345,7 +337,7 @@ def dirty_data(tiny_llama_dir, tmp_path_factory):
         _write_json(d / "probe.json", valid), load_tokenizer(tiny_llama_dir), cutoff_len=128, seed=SEED
     )
     step1 = TrainBatches(probe.train, BatchLayout(**LAYOUT), seed=SEED).global_indices(1).ravel()
-    step1 = step1[step1 >= 0]  # the epoch's last batch: 8 examples and 8 fully masked padding rows
+    step1 = step1[step1 >= 0]  # (an epoch's last batch may hold fully masked padding rows)
     for i in step1:
         valid[i] = _long(i)
     invalid = [{"instruction": "no output here", "input": ""}, {"instruction": " ", "output": "x"}]
