@@ -68,7 +68,8 @@ def write_tiny_llama(directory, *, hidden=64, layers=2, heads=4, kv_heads=2, see
     )
     fast.save_pretrained(directory)
     cfg = LlamaConfig(
-        vocab_size=-(-len(fast) // 64) * 64, hidden_size=hidden,  # padded, as real models pad their vocab intermediate_size=2 * hidden, num_hidden_layers=layers,
+        # The vocabulary is padded to a multiple of 64, as real models pad theirs (and meshes divide it).
+        vocab_size=-(-len(fast) // 64) * 64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **config_kw,
     )  # fmt: skip
