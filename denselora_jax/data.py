@@ -38,6 +38,19 @@ def _is_empty_json(path: str) -> bool:
     return not head or (head.startswith(b"[") and head[1:].strip() == b"]")
 
 
+def _check_utf8(path: str) -> None:
+    """JSON data must be UTF-8; say where it is not (the JSON readers only report a generic failure)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"data file {path!r} is not valid UTF-8 text (line {line_no}, byte {e.start}); "
+                    "re-encode it as UTF-8."
+                ) from None
+
+
 def _load_one(path: str) -> datasets.Dataset:
     if not os.path.exists(path):
         looks_like_hub_id = path.count("/") == 1 and not path.endswith((".json", ".jsonl"))
@@ -51,6 +64,7 @@ def _load_one(path: str) -> datasets.Dataset:
         raise FileNotFoundError(f"data file {path!r} does not exist; check data.train_files.")
     if _is_empty_json(path):
         raise ValueError(f"data file {path!r} holds no records; give a file with at least one record.")
+    _check_utf8(path)
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train")
     except Exception as e:

@@ -358,11 +358,6 @@ def test_data_errors_name_the_file_and_record(tiny_llama_dir, dirty_data, tmp_pa
         assert all(n in message for n in needles), message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.py reports invalid UTF-8 without the file (JSONL: a bare UnicodeDecodeError) or without "
-    "saying it is an encoding problem (JSON: 'An error occurred while generating the dataset')",
-)
 @pytest.mark.parametrize("suffix", ["json", "jsonl"])
 def test_undecodable_text_is_refused_naming_the_file(tiny_llama_dir, tmp_path, capsys, suffix):
     good = json.dumps(_short(1)).encode()
