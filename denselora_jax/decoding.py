@@ -364,7 +364,11 @@ def pad_left(token_lists: Sequence[Sequence[int]], pad_id: int, multiple: int = 
 # --- CLI --------------------------------------------------------------------------------------------------
 
 
-def load_checked_adapter(config: ModelConfig, params, adapter_dir) -> tuple[dict, AdapterConfig]:
+def load_checked_adapter(
+    config: ModelConfig, params, adapter_dir, *, force: bool = False
+) -> tuple[dict, AdapterConfig]:
     """load_adapter(adapter_dir) checked against this base model: its shapes and its fingerprint (an
-    adapter trained on another base model is refused with a clear error)."""
-    return load_adapter(adapter_dir, model_config=config, base_fingerprint=fingerprint(config, params))
+    adapter trained on another base model is refused with a clear error unless force=True, and even then
+    only when the shapes match)."""
+    fp = fingerprint(config, params)
+    return load_adapter(adapter_dir, model_config=config, base_fingerprint=fp, force=force)

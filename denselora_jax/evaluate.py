@@ -369,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter", help="adapter directory (save_adapter output); checked against the base model"
     )
+    p.add_argument(
+        "--force", action="store_true", help="accept an adapter trained on other base weights (same shapes)"
+    )
     p.add_argument("--data-dir", required=True, help="folder with <name>/test.json (LLM-Adapters layout)")
     p.add_argument(
         "--datasets", default=",".join(DATASETS), help="comma-separated names (default: all eight)"
@@ -395,6 +398,10 @@ def main(argv=None) -> int:
             load_test_set(name, path, args.limit)
         config, params = load_pretrained(args.model, dtype=args.dtype)
         tok = load_tokenizer(args.model)
+        if args.adapter:
+            kw["adapter"], kw["adapter_config"] = load_checked_adapter(
+                config, params, args.adapter, force=args.force
+            )
         results = evaluate(config, params, tok, args.data_dir, datasets=names, output_dir=args.output, **kw)
     except (ValueError, FileNotFoundError) as e:  # our errors name the file and the fix
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m denselora_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="HF model directory or .gguf file")
     p.add_argument("--adapter", help="adapter directory (save_adapter output) to apply")
+    p.add_argument(
+        "--force", action="store_true", help="accept an adapter trained on other base weights (same shapes)"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--template", action="store_true", help="wrap each prompt in the training template")
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
         config, params = load_pretrained(args.model, dtype=args.dtype)
         tok = load_tokenizer(args.model)
         if args.adapter:
-            adapter, adapter_config = load_checked_adapter(config, params, args.adapter)
+            adapter, adapter_config = load_checked_adapter(config, params, args.adapter, force=args.force)
     except (ValueError, FileNotFoundError) as e:  # our errors name the file and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -402,6 +402,11 @@ def test_generate_refuses_an_adapter_for_another_base(
         assert generate_cli.main(["--model", model, "--adapter", adapter, "--prompt", "hi"]) == 2
         message = _one_error(capsys.readouterr().err)
         assert needle in message and "adapter" in message, message
+    # --force accepts other weights of the same shapes, never another shape.
+    base = ["--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "2", "--force"]
+    assert generate_cli.main(["--model", other_weights, *base]) == 0
+    assert generate_cli.main(["--model", narrow_model, *base]) == 2
+    assert "another model shape" in _one_error(capsys.readouterr().err)
 
 
 # --- 4. checkpoints: SIGKILL in a save, damaged latest; 6. SIGTERM ---------------------------------------
