@@ -15,7 +15,81 @@ import optax
 
 from denselora_jax.adapters.config import AdapterConfig
 from denselora_jax.model.config import ModelConfig
-from denselora_jax.model.llama import forward
+from denselora_jax.model.llama import head_weight, hidden_states
+
+f32 = jnp.float32
+_CE_ROWS = 128  # tokens whose [rows, vocab] logits exist at once in the loss
+
+
+def _logits(x_nd, w, vocab_major):
+    spec = "nd,vd->nv" if vocab_major else "nd,dv->nv"
+    return jnp.einsum(spec, x_nd, w.astype(x_nd.dtype), preferred_element_type=f32)
+
+
+def _chunked(x_nd, targets_n, weights_n):
+    """Rows padded (with weight 0) to whole chunks of _CE_ROWS: [chunks, rows, ...]."""
+    n = x_nd.shape[0]
+    rows = min(_CE_ROWS, n)
+    pad = -n % rows
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(a.shape[0] // rows, rows, *a.shape[1:])
+
+    return split(x_nd), split(targets_n), split(weights_n), n
+
+
+def _chunk_nll(x_nd, w, t_n, wt_n, vocab_major):
+    logits_nv = _logits(x_nd, w, vocab_major)
+    lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
+    tgt_n = jnp.take_along_axis(logits_nv, t_n[:, None], axis=-1)[:, 0]
+    return logits_nv, lse_n, jnp.sum((lse_n - tgt_n) * wt_n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_nll_sum(x_nd, w, targets_n, weights_n, vocab_major):
+    """sum_n weights_n * -log softmax(head(x_n))[targets_n], the logits never held for more than _CE_ROWS
+    rows at once. Under differentiation the gradient is formed in the same pass (the softmax is at hand),
+    so the [N, V] logits are neither stored nor recomputed."""
+    xs = _chunked(x_nd, targets_n, weights_n)[:3]
+
+    def body(acc, c):
+        return acc + _chunk_nll(*c[:1], w, *c[1:], vocab_major)[2], None
+
+    return jax.lax.scan(body, jnp.zeros((), f32), xs)[0]
+
+
+def _head_nll_fwd(x_nd, w, targets_n, weights_n, vocab_major):
+    x, w_ = x_nd.value, w.value
+    x_c, t_c, wt_c, n = _chunked(x, targets_n.value, weights_n.value)
+    want_w = w.perturbed
+
+    def body(carry, c):
+        acc, dw = carry
+        xc, tc, wtc = c
+        logits_nv, lse_n, nll = _chunk_nll(xc, w_, tc, wtc, vocab_major)
+        p_nv = jnp.exp(logits_nv - lse_n[:, None])
+        hit_nv = jax.lax.broadcasted_iota(jnp.int32, p_nv.shape, 1) == tc[:, None]
+        g_nv = (jnp.where(hit_nv, p_nv - 1.0, p_nv) * wtc[:, None]).astype(xc.dtype)
+        spec = "nv,vd->nd" if vocab_major else "nv,dv->nd"
+        dx = jnp.einsum(spec, g_nv, w_.astype(xc.dtype), preferred_element_type=f32).astype(xc.dtype)
+        if want_w:
+            spec_w = "nv,nd->vd" if vocab_major else "nv,nd->dv"
+            dw = dw + jnp.einsum(spec_w, g_nv, xc, preferred_element_type=f32)
+        return (acc + nll, dw), dx
+
+    dw0 = jnp.zeros(w_.shape, f32) if want_w else None
+    (total, dw), dx_c = jax.lax.scan(body, (jnp.zeros((), f32), dw0), (x_c, t_c, wt_c))
+    dx = dx_c.reshape(-1, x.shape[-1])[:n]
+    return total, (dx, None if dw is None else dw.astype(w_.dtype))
+
+
+def _head_nll_bwd(vocab_major, res, ct):
+    dx, dw = res
+    return (ct * dx).astype(dx.dtype), None if dw is None else (ct * dw).astype(dw.dtype), None, None
+
+
+head_nll_sum.defvjp(_head_nll_fwd, _head_nll_bwd, symbolic_zeros=True)
 
 
 def learning_rate_schedule(oc, total_steps: int) -> optax.Schedule:
@@ -41,14 +115,23 @@ def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
 
 def loss_sums(mc: ModelConfig, ac: AdapterConfig, adapter, base, batch, rng):
     """(sum of token NLLs, number of target tokens) of one micro-batch [rows, T]."""
-    logits_btv = forward(
+    x_btd = hidden_states(
         mc, base, batch["input_ids"], batch["attention_mask"], adapter=adapter, adapter_config=ac, rng=rng
     )
-    targets_bt = batch["input_ids"][:, 1:]
-    weights_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
+    return hidden_loss_sums(mc, base, x_btd, batch)
+
+
+def hidden_loss_sums(mc: ModelConfig, base, x_btd, batch):
+    """loss_sums from the final hidden states [rows, T, D]: the LM head and the next-token NLL."""
+    ids_bt = jnp.asarray(batch["input_ids"], jnp.int32)
+    # Position t predicts token t+1; the last position has no target (weight 0).
+    targets_bt = jnp.pad(ids_bt[:, 1:], ((0, 0), (0, 1)))
+    weights_bt = jnp.pad(jnp.asarray(batch["loss_mask"])[:, 1:].astype(f32), ((0, 0), (0, 1)))
+    w, vocab_major = head_weight(mc, base)
+    b, t, d = x_btd.shape
+    x_nd = x_btd.reshape(b * t, d).astype(mc.dtype)  # the head's matmuls take the compute dtype
+    nll = head_nll_sum(x_nd, w, targets_bt.reshape(-1), weights_bt.reshape(-1), vocab_major)
+    return nll, jnp.sum(weights_bt)
 
 
 def train_step(mc, ac, tx, skip_nonfinite, adapter, opt_state, base, batch, rng):

@@ -12,6 +12,9 @@ they ride the layer scan; DenseLoRA's shared encoder/decoder live under "shared"
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -28,12 +31,7 @@ _IO_AXES = {
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
 }
-_ACTIVATIONS = {
-    Activation.GELU: lambda x: jax.nn.gelu(x, approximate=False),
-    Activation.IDENTITY: lambda x: x,
-    Activation.SILU: jax.nn.silu,
-    Activation.RELU: jax.nn.relu,
-}
+_SQRT_HALF, _INV_SQRT_2PI = 0.5**0.5, (2 * math.pi) ** -0.5
 
 
 def _spec(mc: ModelConfig, ac: AdapterConfig) -> dict:
@@ -118,15 +116,114 @@ def dora_weight_norm(w_io, lora_A, lora_B, s):
     return jnp.linalg.norm(w_io.astype(jnp.float32) + s * (lora_A @ lora_B), axis=0)
 
 
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(rng, rate: float, shape) -> jax.Array:
+    """Dropout keep-mask: True with probability 1 - rate (to within 2**-32), a function of the key.
+
+    Each entry hashes its flat index with a seed word drawn from the key (MurmurHash3's finaliser, a
+    bijection of uint32 with full avalanche): about 7 integer operations per entry, where
+    jax.random.bernoulli's partitionable threefry costs a 20-round block per entry (measured: most of a CPU
+    training step). Like threefry-partitionable it depends only on the key and the entry's index, so it is
+    the same on every mesh.
+    """
+    n = math.prod(shape)
+    if n > 2**32:
+        raise ValueError(f"dropout over {n} entries: more than 2**32 entries in one mask is not supported.")
+    seed = jax.random.bits(rng, (), jnp.uint32)
+    h = _fmix32(jax.lax.iota(jnp.uint32, n).reshape(shape) ^ seed)
+    return h >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+
+
 def _dropout(x, rate, rng):
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return jnp.where(keep_mask(rng, rate, x.shape), x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _mm(x, w):
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _sum_outer(a, g):
+    """sum over the leading (token) axes of a[..., i] g[..., j]: a weight's gradient, in float32 (XLA:CPU has
+    no bf16 x bf16 -> f32 kernel for this token-contracting shape).
+
+    The wide operand goes on the right and the small product is transposed after: XLA:CPU then transposes
+    the narrow [tokens, r] operand rather than writing the wide one transposed (a slow fusion).
+    """
+    lead = tuple(range(a.ndim - 1))
+    dims = ((lead, lead), ((), ()))
+    a, g = a.astype(jnp.float32), g.astype(jnp.float32)
+    if a.shape[-1] > g.shape[-1]:
+        return jax.lax.dot_general(g, a, dims, preferred_element_type=jnp.float32).T
+    return jax.lax.dot_general(a, g, dims, preferred_element_type=jnp.float32)
+
+
+def _act_and_grad(kind: Activation, v):
+    """(act(v), act'(v)) in one pass; GELU is the exact one, through erf (as torch computes it)."""
+    if kind == Activation.GELU:
+        cdf = 0.5 + 0.5 * jax.lax.erf(v * _SQRT_HALF)
+        return v * cdf, cdf + v * jnp.exp(-0.5 * v * v) * _INV_SQRT_2PI
+    if kind == Activation.SILU:
+        sig = jax.nn.sigmoid(v)
+        return v * sig, sig * (1.0 + v * (1.0 - sig))
+    if kind == Activation.RELU:
+        return jnp.maximum(v, 0.0), (v > 0).astype(v.dtype)
+    return v, jnp.ones_like(v)
+
+
+def _masked(v, keys, i, rate):
+    """v * dropout mask i of keys (None: no dropout), scaled by 1 / (1 - rate)."""
+    if keys is None:
+        return v
+    return jnp.where(keep_mask(keys[i], rate, v.shape), v * (1.0 / (1.0 - rate)), 0).astype(v.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _denselora(act, rate, s, x_bi, enc, dense, dec, keys):
+    """s * drop(act(drop(act(drop(x) E)) M D)): DenseLoRA's branch, keys = the three dropout keys or None.
+
+    A custom VJP because on CPU the automatic one was a fifth of the training step: XLA fused the activation's
+    derivative (erfc) into every consumer, twice, once writing a transposed layout. Here the backward computes
+    each activation's derivative once, regenerates the dropout masks from their keys instead of storing them,
+    and keeps only the rank-r intermediates.
+    """
+    return _denselora_fwd(act, rate, s, x_bi, enc, dense, dec, keys)[0]
+
+
+def _denselora_fwd(act, rate, s, x_bi, enc, dense, dec, keys):
+    a_br = _mm(_masked(x_bi, keys, 0, rate), enc)
+    h_br = _masked(_act_and_grad(act, a_br)[0], keys, 1, rate)
+    m_br = _mm(h_br, dense)
+    u_bo = _act_and_grad(act, _mm(m_br, dec))[0]
+    return s * _masked(u_bo, keys, 2, rate), (x_bi, enc, dense, dec, keys, a_br, m_br)
+
+
+def _denselora_bwd(act, rate, s, res, g_bo):
+    x_bi, enc, dense, dec, keys, a_br, m_br = res
+    _, du_bo = _act_and_grad(act, _mm(m_br, dec))
+    g_bo = _masked(g_bo * s, keys, 2, rate) * du_bo
+    d_dec = _sum_outer(m_br, g_bo)
+    g_br = _mm(g_bo, dec.T)
+    h_act, dh_br = _act_and_grad(act, a_br)
+    d_dense = _sum_outer(_masked(h_act, keys, 1, rate), g_br)
+    g_br = _masked(_mm(g_br, dense.T), keys, 1, rate) * dh_br
+    x_d = _masked(x_bi, keys, 0, rate)
+    d_enc = _sum_outer(x_d, g_br)
+    d_x = _masked(_mm(g_br.astype(x_d.dtype), enc.T), keys, 0, rate).astype(x_bi.dtype)
+    cast = lambda g, p: g.astype(p.dtype)  # noqa: E731
+    return d_x, cast(d_enc, enc), cast(d_dense, dense), cast(d_dec, dec), None
+
+
+_denselora.defvjp(_denselora_fwd, _denselora_bwd)
 
 
 def adapted_projection(ac, x_bi, w_io, b_o, y_bo, p, rng):
@@ -138,11 +235,8 @@ def adapted_projection(ac, x_bi, w_io, b_o, y_bo, p, rng):
     k_in, k_mid, k_out = jax.random.split(rng, 3) if rng is not None else (None, None, None)
     s, rate = ac.scaling, ac.dropout
     if ac.method == Method.DENSELORA:
-        act = _ACTIVATIONS[ac.activation]
-        h = act(_mm(_dropout(x_bi, rate, k_in), p["encoder"]))
-        h = _dropout(h, rate, k_mid)
-        u = act(_mm(_mm(h, p["dense"]), p["decoder"]))
-        return y_bo + s * _dropout(u, rate, k_out)
+        keys = None if rng is None or rate == 0.0 else jnp.stack([k_in, k_mid, k_out])
+        return y_bo + _denselora(ac.activation, rate, s, x_bi, p["encoder"], p["dense"], p["decoder"], keys)
     x_d = _dropout(x_bi, rate, k_in)
     lora = _mm(_mm(x_d, p["lora_A"]), p["lora_B"])
     if ac.method == Method.LORA:
