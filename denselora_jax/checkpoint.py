@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -185,7 +186,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint.max_to_keep must be an integer >= 1, got {max_to_keep!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"checkpoint.every must be an integer >= 1, got {every!r}")
-        self.output_dir = epath.Path(output_dir)
+        # Orbax's OCDBT writer needs absolute paths (a relative one fails in the background save thread).
+        path = os.fspath(output_dir)
+        self.output_dir = epath.Path(path if "://" in path else os.path.abspath(path))
         self._barriers = 0
 
         def options(name: str, **kw) -> ocp.CheckpointManagerOptions:
@@ -291,6 +294,9 @@ class Checkpointer:
         return True
 
     def _write(self, manager, step, adapter, opt_state, meta, metrics) -> None:
+        # A failed background save (disk full, bad path) stops the run here, at the next save.
+        self._latest.check_for_errors()
+        self._best.check_for_errors()
         meta = _json_meta(meta)
         digests, bad = _inspect({"adapter": adapter, "opt_state": opt_state})
         if bad:

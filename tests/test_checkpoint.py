@@ -111,6 +111,25 @@ def test_async_save_does_not_need_the_arrays_after_returning(tmp_path):
     ck.close()
 
 
+def test_relative_output_dir_saves_and_restores(tmp_path, monkeypatch):
+    """The demo's output_dir is relative (runs/demo): Orbax's background writer needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    adapter, opt = trained_state(make_adapter(3))
+    want = host_copy((adapter, opt))
+    with Checkpointer("runs/x", async_save=True) as ck:
+        assert ck.save(2, adapter, opt, {"step": 2})
+        assert ck.save_best(2, adapter, opt, {"step": 2}, val_loss=1.0)
+        ck.wait()
+    with Checkpointer("runs/x") as ck:
+        for restored in (
+            ck.restore_latest(abstract(adapter), abstract(opt)),
+            ck.restore_best(abstract(adapter), abstract(opt)),
+        ):
+            assert restored.step == 2
+            assert_bitwise((restored.adapter, restored.opt_state), want)
+    assert sorted(os.listdir(tmp_path / "runs" / "x" / "checkpoints")) == ["2"]
+
+
 def test_max_to_keep_every_and_step_order(tmp_path):
     adapter, opt = trained_state(make_adapter(2))
     with Checkpointer(tmp_path, max_to_keep=2, every=2) as ck:
