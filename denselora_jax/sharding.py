@@ -8,6 +8,7 @@ three trees; tests/golden/partition_specs.json records the result.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ RULES = (
     ("lora_rank", None),
     ("lora_rank_out", None),  # the second rank axis of the dense r x r matrix
     ("length", None),
+    ("activation_embed", None),  # activations keep their hidden axis whole; the batch carries fsdp
 )
 
 
@@ -46,6 +48,18 @@ def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
         )
     # Classic GSPMD (Auto axes): jit propagates shardings from the explicit in/out shardings.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def with_rules(fn, mesh: Mesh, rules=RULES):
+    """fn, traced with `mesh` and the rules table in context, so that the model's activation constraints
+    (llama.constrain) bind to mesh axes. jit it; outside such a context those constraints are no-ops."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def logical_to_mesh(specs, mesh: Mesh, rules=RULES):

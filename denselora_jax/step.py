@@ -16,6 +16,7 @@ import optax
 from denselora_jax.adapters.config import AdapterConfig
 from denselora_jax.model.config import ModelConfig
 from denselora_jax.model.llama import head_weight, hidden_states
+from denselora_jax.sharding import with_rules
 
 f32 = jnp.float32
 _CE_ROWS = 128  # tokens whose [rows, vocab] logits exist at once in the loss
@@ -174,7 +175,7 @@ def eval_step(mc, ac, adapter, base, batch):
 def jit_train_step(mc, ac, tx, *, skip_nonfinite, adapter_sh, opt_sh, base_sh, batch_sh, repl):
     """The one jit boundary of training: explicit shardings, adapter and optimizer state donated."""
     return jax.jit(
-        partial(train_step, mc, ac, tx, skip_nonfinite),
+        with_rules(partial(train_step, mc, ac, tx, skip_nonfinite), repl.mesh),
         in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, repl),
         out_shardings=(adapter_sh, opt_sh, repl),
         donate_argnums=(0, 1),
@@ -183,5 +184,7 @@ def jit_train_step(mc, ac, tx, *, skip_nonfinite, adapter_sh, opt_sh, base_sh, b
 
 def jit_eval_step(mc, ac, *, adapter_sh, base_sh, batch_sh, repl):
     return jax.jit(
-        partial(eval_step, mc, ac), in_shardings=(adapter_sh, base_sh, batch_sh), out_shardings=(repl, repl)
+        with_rules(partial(eval_step, mc, ac), repl.mesh),
+        in_shardings=(adapter_sh, base_sh, batch_sh),
+        out_shardings=(repl, repl),
     )

@@ -253,6 +253,17 @@ class Run:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signal.Signals(signum).name  # finish the step, save, exit 0
 
+    def _agreed_stop(self) -> str | None:
+        """The stop request, agreed by every process: a signal reaching one host (a preempted VM) stops all
+        of them after the same step, so that none is left waiting in the next step's collectives."""
+        stop = self.stop_signal
+        if jax.process_count() == 1:
+            return stop
+        flags = multihost_utils.process_allgather(np.int32(stop is not None))
+        if stop is None and np.any(flags):
+            stop = f"stop requested on process {int(np.argmax(flags))}"
+        return stop
+
     # --- the loop -------------------------------------------------------------------------------------
     def train(self, until_step: int | None = None) -> dict:
         """Train to the end (or stop after `until_step`, saving, as a preempted run would)."""
@@ -310,7 +321,9 @@ class Run:
                 metrics.write(record)
             if until_step is not None and self.step >= until_step and self.stop_signal is None:
                 self.stop_signal = f"until_step={until_step}"
-            stop = self.stop_signal  # read once: a signal arriving during the save stops after the next step
+            stop = (
+                self._agreed_stop()
+            )  # read once: a signal arriving during the save stops after the next step
             last = self.step == self.total_steps or stop is not None
             self.ckpt.save(self.step, self.adapter, self.opt_state, self.meta(), force=last)
             if stop is not None:

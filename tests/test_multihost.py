@@ -160,6 +160,35 @@ def test_two_processes_train_save_and_resume_on_one(tiny_llama_dir, tmp_path):
     assert any(np.abs(v).max() > 0 for k, v in want.items() if "decoder" in k or "lora_B" in k)
 
 
+def test_sigterm_on_one_host_stops_every_host_after_the_same_step(tiny_llama_dir, tmp_path):
+    """A preempted VM gets SIGTERM alone: every process must stop after the same step and save it (one
+    stopping early would leave the others waiting in the next step's collectives until the timeout)."""
+    data, out = _write_data(tmp_path / "train.json"), tmp_path / "multi"
+    coordinator = f"'127.0.0.1:{_free_port()}'"
+    long_run = ["train.max_steps=400", "checkpoint.every=1000", "checkpoint.async_save=False"]
+    procs = {}
+    for i in range(2):
+        dist = [f"distributed.coordinator_address={coordinator}", "distributed.num_processes=2"]
+        args = _overrides(tiny_llama_dir, data, out, "[1,2,2]") + [*dist, f"distributed.process_id={i}"]
+        log = tmp_path / f"multi{i}.log"
+        procs[f"process {i}"] = (_start(args + long_run, 2, log), log)
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and procs["process 0"][0].poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            procs["process 1"][0].send_signal(signal.SIGTERM)  # the non-lead process only
+            break
+        time.sleep(0.1)
+    _wait_all(procs)
+
+    log0 = (tmp_path / "multi0.log").read_text()
+    saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 2 <= saved < 400
+    assert f"stop requested on process 1: saved step {saved}" in log0
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [saved]
+    assert not (out / "adapter").exists()  # stopped, not finished: nothing exported
+
+
 # --- start-up decisions of init_distributed (jax.distributed.initialize replaced by a recorder) ----------
 _LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")  # fmt: skip

@@ -1,9 +1,9 @@
 """The memory planner against XLA's compiled memory analysis of the real training step (tiny configs).
 
 Stated tolerance: the step's arguments (weights, adapter, optimizer state, batch) are counted exactly; the
-temporaries XLA allocates (gradients, saved activations, working sets) are estimated within -40% / +25% on
-these configs. Meshes without fsdp: with fsdp > 1 the model does not yet constrain activations to the
-batch sharding, and XLA then keeps them (far) larger than planned (see the project notes of issue 6).
+temporaries XLA allocates (gradients, saved activations, working sets) are estimated within -40% / +40% on
+these configs, fsdp meshes included: the model pins its activations to the batch sharding (llama.constrain);
+without that, XLA kept them 2.5-3.5x larger on the (1, 8, 1) mesh.
 """
 
 import pathlib
@@ -61,14 +61,18 @@ def _xla_memory(mc: ModelConfig, ac: AdapterConfig, shape):
     return lowered.compile().memory_analysis()
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-def test_plan_matches_xla_memory_analysis(remat):
+@pytest.mark.parametrize(
+    "mesh,remat",
+    [(MESH, "none"), (MESH, "full"), (MESH, "save_dots"), ((1, 8, 1), "none"), ((1, 8, 1), "full"),
+     ((1, 8, 1), "save_dots"), ((2, 2, 2), "full")],
+)  # fmt: skip
+def test_plan_matches_xla_memory_analysis(mesh, remat):
     mc, ac = _config(remat), AdapterConfig(rank=8)
-    xla = _xla_memory(mc, ac, MESH)
-    p = plan_memory(mc, ac, mesh_shape=MESH, micro_batch=ROWS, seq_len=T, accum_steps=ACCUM)
+    xla = _xla_memory(mc, ac, mesh)
+    p = plan_memory(mc, ac, mesh_shape=mesh, micro_batch=ROWS, seq_len=T, accum_steps=ACCUM)
     assert p.base + p.adapter + p.opt_state + p.batch == xla.argument_size_in_bytes
     temp = p.gradients + p.activations + p.largest_temporary
-    assert 0.6 * xla.temp_size_in_bytes <= temp <= 1.25 * xla.temp_size_in_bytes, (
+    assert 0.6 * xla.temp_size_in_bytes <= temp <= 1.4 * xla.temp_size_in_bytes, (
         temp,
         xla.temp_size_in_bytes,
     )

@@ -29,6 +29,13 @@ _REMAT_POLICY = {
 }
 
 
+def constrain(x_btd):
+    """Pin an activation [batch, length, embed] to the batch-sharded layout (rows over data x fsdp, embed
+    whole). A no-op unless the caller's jit traces under a mesh and the rules table (sharding.with_rules):
+    without it XLA may keep fsdp-gathered activations, several times larger (see plan.py)."""
+    return nn.with_logical_constraint(x_btd, ("batch", "length", "activation_embed"))
+
+
 def rope_inv_freq(c: ModelConfig) -> np.ndarray:
     """Inverse RoPE frequencies, computed as HF does (float32), with linear/llama3 scaling."""
     dim = c.head_dim
@@ -277,11 +284,11 @@ class DecoderLayer(nn.Module):
             key = None if rng is None else jax.random.fold_in(rng, ac.targets.index(name))
             return adapted_projection(ac, x_bi, w_io, b_o, y_bo, p, key)
 
-        h_btd = RMSNorm(c.rms_norm_eps, adt, pdt, name="input_layernorm")(x_btd)
+        h_btd = constrain(RMSNorm(c.rms_norm_eps, adt, pdt, name="input_layernorm")(x_btd))
         a_btd, cache = Attention(c, name="self_attn")(h_btd, adapt, pos_bt, kv_mask_bs, cache, cache_index)
-        x_btd = checkpoint_name(x_btd + a_btd, "resid")
-        h_btd = RMSNorm(c.rms_norm_eps, adt, pdt, name="post_attention_layernorm")(x_btd)
-        return x_btd + MLP(c, name="mlp")(h_btd, adapt), cache
+        x_btd = checkpoint_name(constrain(x_btd + a_btd), "resid")
+        h_btd = constrain(RMSNorm(c.rms_norm_eps, adt, pdt, name="post_attention_layernorm")(x_btd))
+        return constrain(x_btd + MLP(c, name="mlp")(h_btd, adapt)), cache
 
 
 def _saveable(x, name: str):
@@ -357,7 +364,7 @@ class Llama(nn.Module):
         )
         emb_vd = Embed(c.vocab_size, c.hidden_size, pdt, name="embed_tokens")()
         x_btd = jnp.take(emb_vd, input_ids_bt, axis=0) if embeds_btd is None else embeds_btd
-        x_btd = x_btd.astype(adt)
+        x_btd = constrain(x_btd.astype(adt))
         if self.is_initializing():  # nn.scan creates the stacked, logically annotated layer parameters
             scanned = nn.scan(
                 DecoderLayer,
@@ -393,7 +400,7 @@ class Llama(nn.Module):
                 cache,
                 cache_index,
             )
-        x_btd = RMSNorm(c.rms_norm_eps, adt, pdt, name="norm")(x_btd)
+        x_btd = constrain(RMSNorm(c.rms_norm_eps, adt, pdt, name="norm")(x_btd))
         if not self.head:
             return x_btd, cache
         if c.tie_word_embeddings:
@@ -402,7 +409,8 @@ class Llama(nn.Module):
             )
         else:
             head = Kernel((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), False, pdt, name="lm_head")
-            logits_btv = project(x_btd, [("lm_head", head)], None, f32, f32)[0]
+            # Operands in the compute dtype, float32 accumulation: no float32 copy of the [D, V] weight.
+            logits_btv = project(x_btd, [("lm_head", head)], None, mdt, f32)[0]
         return logits_btv, cache
 
 
