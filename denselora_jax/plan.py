@@ -117,8 +117,22 @@ def saved_residual_bytes(mc: ModelConfig, ac: AdapterConfig, rows: int, seq_len:
     )
     n_res = len(jax.tree.leaves(shapes[1]))
     inputs, seen, total = set(closed.jaxpr.invars), set(), 0
+    producer = {o: e for e in closed.jaxpr.eqns for o in e.outvars}
+
+    def input_buffer(v) -> bool:
+        """v is an input, or a same-width bitcast of one (the stacked weights ride the layer scan as
+        uint16): no new buffer."""
+        while v not in inputs:
+            e = producer.get(v)
+            if e is None or e.primitive.name != "bitcast_convert_type":
+                return False
+            if e.invars[0].aval.dtype.itemsize != v.aval.dtype.itemsize:
+                return False
+            v = e.invars[0]
+        return True
+
     for v in closed.jaxpr.outvars[len(closed.jaxpr.outvars) - n_res :]:
-        if isinstance(v, Literal) or v in inputs or v in seen:
+        if isinstance(v, Literal) or v in seen or input_buffer(v):
             continue
         seen.add(v)
         total += _nbytes(v.aval)
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             path = cfglib.resolve_model_path(cfg.model.path)
             mc, name = read_model_config(path).replace(**rt), cfg.model.path
         cfglib.validate_against_model(cfg, mc)
+        # Plan for an accelerator (activations in the compute dtype), even when run on a CPU host.
+        mc = mc.replace(activation_dtype=mc.activation_dtype or mc.dtype)
         device_memory = parse_bytes(args.device_memory) if args.device_memory else None
         dp = mesh[0] * mesh[1]
         plan = plan_memory(

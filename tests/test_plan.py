@@ -17,7 +17,7 @@ from denselora_jax import AdapterConfig, ModelConfig
 from denselora_jax.adapters.core import abstract_adapter, adapter_axes
 from denselora_jax.config import OptimizerSection
 from denselora_jax.model.llama import abstract_params, param_axes
-from denselora_jax.plan import main, parse_bytes, plan_memory
+from denselora_jax.plan import main, parse_bytes, plan_memory, saved_residual_bytes
 from denselora_jax.sharding import (
     batch_sharding,
     logical_to_mesh,
@@ -136,3 +136,13 @@ def test_parse_bytes():
         and parse_bytes("16 GB") == 16 * 10**9
         and parse_bytes("1024") == 1024
     )
+
+
+def test_full_remat_activations_do_not_count_the_weights():
+    """Under remat=full only each layer's input is kept: a 4x wider MLP changes no saved activation (the
+    stacked weights the layer scan passes as uint16 bitcasts are inputs, not new buffers)."""
+    mc, ac = _config("full"), AdapterConfig(rank=8)
+    wide = mc.replace(intermediate_size=4 * mc.intermediate_size)
+    narrow_bytes = saved_residual_bytes(mc, ac, ROWS, T)
+    assert saved_residual_bytes(wide, ac, ROWS, T) == narrow_bytes
+    assert narrow_bytes >= mc.num_hidden_layers * ROWS * T * mc.hidden_size * 2  # the layer inputs

@@ -61,6 +61,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
     scan_layers: bool = True  # nn.scan over layers (compile time independent of depth) or unrolled
     remat: Remat = Remat.NONE
+    # dtype of the activations between matmuls; None: the compute dtype, except float32 on CPU (llama.py)
+    activation_dtype: str | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -158,7 +160,7 @@ class ModelConfig:
 
 
 _SUPPORTED_ARCH = {"LlamaForCausalLM", "MistralForCausalLM"}
-_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat")
+_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat", "activation_dtype")
 
 
 def preset_table() -> dict[str, dict[str, Any]]:

@@ -169,12 +169,15 @@ def project(x, kernels, adapt, mdt, adt):
 
 
 def activation_dtype(c: ModelConfig) -> jnp.dtype:
-    """dtype of the activations between matmuls: the compute dtype, except float32 on CPU.
+    """dtype of the activations between matmuls: config.activation_dtype when set, else the compute dtype,
+    except float32 on CPU.
 
     XLA:CPU has no native bf16 arithmetic: every bf16 element-wise op converts to float32 and back, and it
     upcasts bf16 dynamic slices (scan residuals) to float32; keeping activations in float32 there and
     casting only the matmul operands to bf16 measured faster (benchmarks/results.md), and is more precise.
     """
+    if c.activation_dtype is not None:
+        return jnp.dtype(c.activation_dtype)
     dt = jnp.dtype(c.dtype)
     return f32 if dt.itemsize < 4 and jax.default_backend() == "cpu" else dt
 
