@@ -86,6 +86,50 @@ def step_flops(mc, method: str, rank: int, batch: int, seq: int) -> float:
     return fwd + bwd + 3 * mc.num_hidden_layers * adapter  # the adapter: forward, dx and dW
 
 
+def gemm_shapes(mc, method: str, rank: int, batch: int, seq: int) -> list[tuple[str, tuple, tuple, int]]:
+    """(name, lhs shape, rhs shape, times per step) of every matmul an adapter step must do (as step_flops
+    counts them): projections forward and backward to their input, attention's four products and their
+    gradients, the LM head forward and backward, the adapter's matmuls (forward, dx and dW)."""
+    n, L, b = batch * seq, mc.num_hidden_layers, batch * mc.num_attention_heads
+    hd, D, V = mc.head_dim, mc.hidden_size, mc.vocab_size
+    out = []
+    for t, (i, o) in mc.projection_dims().items():
+        out += [(t, (n, i), (i, o), L), (f"{t} backward", (n, o), (o, i), L)]
+    out += [("attention q.k, do.v", (b, seq, hd), (b, hd, seq), 2 * L)]
+    out += [("attention p.v, dv, dq, dk", (b, seq, seq), (b, seq, hd), 4 * L)]
+    out += [("lm head", (n, D), (D, V), 1), ("lm head backward", (n, V), (V, D), 1)]
+    for t in TARGETS if method != "none" else ():
+        i, o = mc.projection_dims()[t]
+        shapes = [((n, i), (i, rank)), ((n, rank), (rank, rank)), ((n, rank), (rank, o))]
+        if method == "lora":
+            shapes = [((n, i), (i, rank)), ((n, rank), (rank, o))]
+        out += [(f"{t} adapter", lhs, rhs, 3 * L) for lhs, rhs in shapes]
+    return out
+
+
+def worker_gemms(c: Case) -> dict:
+    """The step's matmuls alone, each timed at its own shape (bf16 or f32 operands, f32 accumulation): the
+    time a step would take if nothing but its matmuls cost anything."""
+    import jax
+    import jax.numpy as jnp
+
+    from denselora_jax.params import read_model_config
+
+    mc = read_model_config(_gguf_path())
+    rank = 16 if c.method == "denselora" else 32
+    total, rows = 0.0, []
+    dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    for name, lhs, rhs, times in gemm_shapes(mc, c.method, rank, c.batch, c.seq):
+        a, b = jnp.ones(lhs, c.dtype), jnp.ones(rhs, c.dtype)
+        run = lambda a=a, b=b: dot(a, b).block_until_ready()  # noqa: E731
+        _time_steps(run, 2)
+        walls, _ = _time_steps(run, 7)
+        t = sorted(walls)[3]
+        total += t * times
+        rows.append((name, t * times))
+    return {"gemm_s": total, "gemms": rows, "flops": step_flops(mc, c.method, rank, c.batch, c.seq)}
+
+
 # --- workers -----------------------------------------------------------------------------------------------
 
 
@@ -319,6 +363,8 @@ def run_worker(spec: str) -> None:
             out = worker_peak(**d)
         elif kind == "jax":
             out = worker_jax(Case(**d))
+        elif kind == "gemms":
+            out = worker_gemms(Case(**d))
         else:
             out = worker_torch(Case(**d))
         out["ok"] = True
@@ -540,6 +586,18 @@ def main(argv=None) -> None:
         if full and bare:
             extras[f"adapter overhead {dt} (DenseLoRA step / no-adapter step, backward to the inputs)"] = (
                 f"{full['median_s'] / bare['median_s']:.2f}x ({100 * (full['median_s'] / bare['median_s'] - 1):+.0f}%)"
+            )
+    for dt in dtypes if not args.gpu else ():
+        full = next((r for r in rows if r["label"] == f"ours DenseLoRA r=16 {dt}" and "tok_s" in r), None)
+        g = spawn("gemms", timeout, **dataclasses.asdict(Case("jax", "denselora", dt, **shape)))
+        if full and g.get("ok"):
+            tokens, peak = full["case"].batch * full["case"].seq, best_peak.get(dt)
+            top = sorted(g["gemms"], key=lambda x: -x[1])[:3]
+            extras[f"matmul bound {dt} (the step's matmuls alone, each timed at its own shape)"] = (
+                f"{g['gemm_s']:.3f} s per step = {tokens / g['gemm_s']:.0f} tokens/s at most, "
+                f"{100 * g['flops'] / g['gemm_s'] / 1e9 / peak:.0f}% of the peak; the measured step takes "
+                f"{full['median_s']:.3f} s, so {100 * (1 - g['gemm_s'] / full['median_s']):.0f}% of it is outside "
+                f"these matmuls (largest: {', '.join(f'{n} {t:.3f} s' for n, t in top)})"
             )
     if not args.gpu:
         deep_layers = 30 if not args.quick else 8
