@@ -116,6 +116,8 @@ def worker_gemms(c: Case) -> dict:
     from denselora_jax.params import read_model_config
 
     mc = read_model_config(_gguf_path())
+    if c.layers is not None:
+        mc = mc.replace(num_hidden_layers=c.layers)
     rank = 16 if c.method == "denselora" else 32
     total, rows = 0.0, []
     dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
@@ -587,7 +589,7 @@ def main(argv=None) -> None:
             extras[f"adapter overhead {dt} (DenseLoRA step / no-adapter step, backward to the inputs)"] = (
                 f"{full['median_s'] / bare['median_s']:.2f}x ({100 * (full['median_s'] / bare['median_s'] - 1):+.0f}%)"
             )
-    for dt in dtypes if not args.gpu else ():
+    for dt in dtypes if not (args.gpu or args.quick) else ():  # --quick stays under 3 minutes
         full = next((r for r in rows if r["label"] == f"ours DenseLoRA r=16 {dt}" and "tok_s" in r), None)
         g = spawn("gemms", timeout, **dataclasses.asdict(Case("jax", "denselora", dt, **shape)))
         if full and g.get("ok"):
