@@ -206,6 +206,8 @@ def worker_jax(c: Case) -> dict:
 
     if c.gpu:
         mc = ModelConfig.from_preset("llama3-8b", dtype=c.dtype, param_dtype=c.dtype, remat=c.remat)
+        if c.layers is not None:  # fewer layers are never initialised (a smoke run of --gpu on a CPU)
+            mc = mc.replace(num_hidden_layers=c.layers)
         init = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(c.dtype), init_params(mc, k)))
         base = init(jax.random.key(0))
     else:
