@@ -205,7 +205,8 @@ class Run:
             self.adapter = init(self.base)
             self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.adapter)
         self.stop_signal: str | None = None
-        self.nonfinite_skipped = 0
+        # Skipped non-finite updates, counted over the whole run (restarts included).
+        self.nonfinite_skipped = int(restored.meta.get("nonfinite_skipped", 0)) if restored else 0
 
     # --- helpers -------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -296,6 +297,7 @@ class Run:
                         f"set train.skip_nonfinite=true to skip such updates."
                     )
                 self.nonfinite_skipped += 1
+                self.log(f"step {batch.step}: non-finite loss or gradient, update skipped")
             tok_since += batch.num_tokens
             bar.update(1)
             record = None
@@ -305,6 +307,8 @@ class Run:
                     "step": self.step, "loss": float(m["loss"]), "lr": float(self.lr(batch.step)),
                     "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_since / (now - t_last),
                 }  # fmt: skip
+                if c.train.skip_nonfinite:
+                    record["skipped_updates"] = self.nonfinite_skipped  # so far, over resumes too
                 t_last, tok_since = now, 0
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",

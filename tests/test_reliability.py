@@ -625,6 +625,8 @@ def test_skip_nonfinite_skips_and_counts_the_update(poisoned, tmp_path):
     good = next(s for s in range(STEPS) if s not in bad_steps and s > 0)
     assert _bits(states[good + 1][0]) != _bits(states[good][0])  # a finite step does change it
     assert states[STEPS][2]["nonfinite_skipped"] == len(bad_steps)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == STEPS and last["skipped_updates"] == len(bad_steps)
     assert all(_all_finite(state[:2]) for state in states.values())
     assert _all_finite(load_file(out / "adapter" / "adapter_model.safetensors"))
 
