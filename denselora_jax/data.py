@@ -32,9 +32,13 @@ def demo_data_dir() -> pathlib.Path:
 # ----------------------------------------------------------------------------------------------- loading
 
 
+_SNIFF_BYTES = 4096  # bytes read to tell an empty JSON file ("" or "[]") from one with records
+_TOKENIZE_CHUNK = 1024  # records tokenized per call: bounds host memory, not a model size
+
+
 def _is_empty_json(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4096).strip()
+        head = f.read(_SNIFF_BYTES).strip()
     return not head or (head.startswith(b"[") and head[1:].strip() == b"]")
 
 
@@ -174,7 +178,12 @@ def _prompt_token_count(tokenizer, prompt: str, offsets) -> int:
 
 
 def tokenize_records(
-    ds: datasets.Dataset, tokenizer, *, cutoff_len: int, train_on_inputs: bool, chunk_size: int = 1024
+    ds: datasets.Dataset,
+    tokenizer,
+    *,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    chunk_size: int = _TOKENIZE_CHUNK,
 ) -> TokenizedSet:
     """generate_prompt(...) with the output, tokenised (special tokens as the tokenizer adds them); EOS
     appended when the sequence with it fits in cutoff_len, else cut to cutoff_len and counted as truncated."""

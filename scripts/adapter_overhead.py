@@ -14,13 +14,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from denselora_jax import AdapterConfig, init_adapter, load_pretrained
 from denselora_jax.config import OptimizerSection
-from denselora_jax.model.llama import hidden_states
-from denselora_jax.step import hidden_loss_sums, make_optimizer, train_step
+from denselora_jax.step import make_optimizer, train_step
 
 VARIANTS = ("none", "gelu:0.05", "gelu:0.0", "identity:0.05", "identity:0.0")  # activation:dropout
 
@@ -43,6 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from benchmark import no_adapter_step  # scripts/benchmark.py: the same reference step
     from conftest import smollm2_gguf_path
 
     mc, base = load_pretrained(
@@ -52,19 +51,8 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     tokens = ids.size
     for v in VARIANTS:
-        if v == "none":  # no adapter: the frozen model, differentiated with respect to its input embeddings
-            mb = {k: x[0] for k, x in batch.items()}
-
-            def fn(base, mb, emb):
-                def loss(e):
-                    x = hidden_states(mc, base, mb["input_ids"], mb["attention_mask"], embeds=e)
-                    nll, n = hidden_loss_sums(mc, base, x, mb)
-                    return nll / n
-
-                return jax.value_and_grad(loss)(emb)
-
-            emb = jnp.take(base["embed_tokens"]["embedding"], mb["input_ids"], axis=0)
-            t = median_step(jax.jit(fn), (base, mb, emb), args.steps)
+        if v == "none":
+            t = median_step(*no_adapter_step(mc, base, batch), args.steps)
         else:
             act, drop = v.split(":")
             ac = AdapterConfig(method="denselora", rank=16, alpha=32.0, activation=act, dropout=float(drop))

@@ -194,15 +194,36 @@ def worker_peak(framework: str, dtype: str, n: int) -> dict:
     return {"gflops": flops / min(walls) / 1e9, "gflops_median": flops / sorted(walls)[3] / 1e9}
 
 
-def worker_jax(c: Case) -> dict:
+def no_adapter_step(mc, base, batch):
+    """(jitted step, its arguments): the frozen model differentiated with respect to its input embeddings
+    only, the adapter step's reference for the adapter overhead. batch: [1, rows, T] arrays."""
     import jax
     import jax.numpy as jnp
+
+    from denselora_jax.model.llama import hidden_states
+    from denselora_jax.step import hidden_loss_sums
+
+    mb = {k: v[0] for k, v in batch.items()}
+
+    def fn(base, mb, emb):
+        def loss(e):
+            x = hidden_states(mc, base, mb["input_ids"], mb["attention_mask"], embeds=e)
+            nll, n = hidden_loss_sums(mc, base, x, mb)
+            return nll / n
+
+        return jax.value_and_grad(loss)(emb)
+
+    emb = jnp.take(base["embed_tokens"]["embedding"], mb["input_ids"], axis=0)
+    return jax.jit(fn), (base, mb, emb)
+
+
+def worker_jax(c: Case) -> dict:
+    import jax
     import numpy as np
 
     from denselora_jax import AdapterConfig, ModelConfig, init_adapter, init_params, load_pretrained
     from denselora_jax.config import OptimizerSection
-    from denselora_jax.model.llama import hidden_states
-    from denselora_jax.step import hidden_loss_sums, make_optimizer, train_step
+    from denselora_jax.step import make_optimizer, train_step
 
     if c.gpu:
         mc = ModelConfig.from_preset("llama3-8b", dtype=c.dtype, param_dtype=c.dtype, remat=c.remat)
@@ -220,20 +241,8 @@ def worker_jax(c: Case) -> dict:
     ac = AdapterConfig(method=c.method if c.method != "none" else "denselora", rank=rank, alpha=2.0 * rank)
     ids = np.random.RandomState(0).randint(0, mc.vocab_size, (1, c.batch, c.seq)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
-    if c.method == "none":  # the frozen model, differentiated with respect to its input embeddings only
-        mb = {k: v[0] for k, v in batch.items()}
-
-        def fn(base, mb, emb):
-            def loss(e):
-                x = hidden_states(mc, base, mb["input_ids"], mb["attention_mask"], embeds=e)
-                nll, n = hidden_loss_sums(mc, base, x, mb)
-                return nll / n
-
-            return jax.value_and_grad(loss)(emb)
-
-        emb = jnp.take(base["embed_tokens"]["embedding"], mb["input_ids"], axis=0)
-        args = (base, mb, emb)
-        jitted = jax.jit(fn)
+    if c.method == "none":
+        jitted, args = no_adapter_step(mc, base, batch)
     else:
         adapter = init_adapter(mc, ac, jax.random.key(1))
         tx = make_optimizer(OptimizerSection(warmup_steps=0), total_steps=1000)

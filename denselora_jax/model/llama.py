@@ -452,13 +452,7 @@ def forward(
     rng enables the adapter's dropout (training); None is deterministic. attention_mask marks real
     tokens (left or right padding); position ids derive from it unless given.
     """
-    if adapter is not None and adapter_config is None:
-        raise ValueError("forward: an adapter was given without its adapter_config.")
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    pos = positions_from_mask(mask) if positions is None else positions
-    model = Llama(config, adapter_config if adapter is not None else None)
-    logits, _ = model.apply({"params": params}, input_ids, pos, mask, adapter, rng, None, 0)
+    logits, _ = _apply(config, params, input_ids, attention_mask, adapter, adapter_config, rng, positions)
     return logits
 
 
@@ -476,13 +470,33 @@ def hidden_states(
     """The final-normed hidden states [B, T, D] (compute dtype): forward() without the LM head, for losses
     that apply the head themselves (see head_weight). embeds [B, T, D], when given, replace the embedding
     lookup of input_ids (e.g. to differentiate with respect to the model's input)."""
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    model = Llama(config, adapter_config if adapter is not None else None, head=False)
-    x_btd, _ = model.apply(
-        {"params": params}, input_ids, positions_from_mask(mask), mask, adapter, rng, None, 0, embeds
+    x_btd, _ = _apply(
+        config, params, input_ids, attention_mask, adapter, adapter_config, rng, None, embeds, head=False
     )
     return x_btd
+
+
+def _apply(
+    config,
+    params,
+    input_ids,
+    attention_mask,
+    adapter,
+    adapter_config,
+    rng,
+    positions,
+    embeds=None,
+    *,
+    head=True,
+):
+    """The model over a whole sequence (no KV cache): (logits or final hidden states, None)."""
+    if adapter is not None and adapter_config is None:
+        raise ValueError("forward: an adapter was given without its adapter_config.")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    pos = positions_from_mask(mask) if positions is None else positions
+    model = Llama(config, adapter_config if adapter is not None else None, head=head)
+    return model.apply({"params": params}, input_ids, pos, mask, adapter, rng, None, 0, embeds)
 
 
 def head_weight(config: ModelConfig, params) -> tuple[jax.Array, bool]:

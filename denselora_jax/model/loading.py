@@ -248,7 +248,10 @@ def load_tokenizer(path: str | os.PathLike):
     raise CheckpointError(f"{path}: cannot build a tokenizer from this path.")
 
 
-def _sample(x: jax.Array, n: int = 4096) -> bytes:
+_FINGERPRINT_SAMPLES = 4096  # values sampled from each tensor for the fingerprint (not a model size)
+
+
+def _sample(x: jax.Array, n: int = _FINGERPRINT_SAMPLES) -> bytes:
     """A strided sample of about n values, rounded to bfloat16 so the same weights loaded in float32 or
     bfloat16 fingerprint alike. Computed under jit with a replicated result, so that it also works for
     arrays sharded over several processes (each process gets the whole sample)."""
